@@ -1,0 +1,8 @@
+// multiproc/multiproc.hpp — everything multiproc offers, in one include.
+#pragma once
+
+#include "multiproc/codec.hpp"
+#include "multiproc/cpu.hpp"
+#include "multiproc/error.hpp"
+#include "multiproc/exit_status.hpp"
+#include "multiproc/process.hpp"

@@ -1,0 +1,152 @@
+// multiproc/process.hpp — one child process running one function, Python's
+// multiprocessing.Process in C++.
+//
+//     std::vector<double> input = load();
+//     multiproc::Process p{[&] { compute(input); }};       // fork: the closure and input are inherited
+//     multiproc::Process q{compute, std::cref(input)};      // a target and its arguments
+//     p.start();
+//     if (!p.join_for(std::chrono::seconds(2))) p.terminate();
+//     p.join();
+//     multiproc::ExitStatus s = p.exit_status();           // exited(code) or signaled(signal)
+//     std::optional<int> c = p.exitcode();                  // Python's convention: -signal if killed
+//
+// The target runs in a child made by fork(2): it sees a copy of the parent's memory as it was at
+// start(), so references and captures are valid there, and writes stay in the child.
+//   - A target that returns normally exits the child with code 0; one that throws prints
+//     "Process <name>:" and the exception's type and message to stderr and exits with code 1,
+//     as Python does. The child ends with _exit(2): the parent's atexit handlers and static
+//     destructors do not run in it, but stdio is flushed.
+//   - The child gets its own process group, so terminate() and kill() reach the processes it
+//     started too. Signal handlers the parent installed are reset to their defaults in the child
+//     (ignored signals stay ignored, as across exec).
+//   - Children never outlive a parent that dies abnormally: PR_SET_PDEATHSIG(SIGKILL) with a
+//     getppid() re-check. Linux sends that signal when the *thread* that started the child exits,
+//     so start processes from a thread that lives at least as long as they do (the main thread
+//     is always safe).
+//   - When the parent exits normally (returns from main or calls exit), daemon children are
+//     terminated and the others joined, as Python does. A Process destroyed while its child runs
+//     does not kill it: the child is reaped when it ends (checked at every start()) or at exit.
+//   - A child inherits none of the descriptors multiproc opened for other children or pools.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "multiproc/error.hpp"
+#include "multiproc/exit_status.hpp"
+
+namespace multiproc {
+
+/// How a child process is made. Only fork exists today.
+enum class StartMethod {
+  fork,  ///< The child is a copy of the parent: closures and data are inherited.
+};
+
+struct ProcessOptions {
+  /// Defaults to "Process-N", N counting from 1 in each process.
+  std::string name;
+  /// A daemon child is terminated when its parent exits normally, instead of being joined; like
+  /// every child it is killed when the parent dies abnormally.
+  bool daemon = false;
+  StartMethod start_method = StartMethod::fork;
+};
+
+namespace detail {
+struct ProcessState;
+
+class Target {
+ public:
+  virtual ~Target() = default;
+  virtual void run() = 0;
+};
+
+template <class F, class... Args>
+class BoundTarget final : public Target {
+ public:
+  template <class G, class... A>
+  explicit BoundTarget(G&& f, A&&... args) : f_(std::forward<G>(f)), args_(std::forward<A>(args)...) {}
+  void run() override {
+    std::apply([this](auto&... a) { std::invoke(f_, a...); }, args_);
+  }
+
+ private:
+  F f_;
+  std::tuple<Args...> args_;
+};
+}  // namespace detail
+
+class Process {
+ public:
+  /// A process that will run `target(args...)`. Arguments are copied (use std::ref/std::cref to
+  /// pass references, which are valid in the child because it is a copy of the parent).
+  template <class F, class... Args>
+    requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
+  explicit Process(F&& target, Args&&... args)
+      : Process(ProcessOptions{}, std::forward<F>(target), std::forward<Args>(args)...) {}
+
+  template <class F, class... Args>
+    requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
+  Process(ProcessOptions options, F&& target, Args&&... args)
+      : Process(std::move(options),
+                std::make_unique<detail::BoundTarget<std::decay_t<F>, std::decay_t<Args>...>>(
+                    std::forward<F>(target), std::forward<Args>(args)...)) {}
+
+  Process(ProcessOptions options, std::unique_ptr<detail::Target> target);
+
+  Process(Process&&) noexcept;
+  Process& operator=(Process&&) noexcept;
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+  /// Does not wait and does not kill: a still-running child is reaped later (see above).
+  ~Process();
+
+  /// Forks the child and runs the target in it. Throws StateError if already started,
+  /// SystemError if fork fails (EAGAIN: too many processes; ENOMEM).
+  void start();
+  /// Waits for the child to end. Throws StateError if never started.
+  void join();
+  /// Waits at most `timeout`; true if the child has ended.
+  bool join_for(std::chrono::nanoseconds timeout);
+
+  /// True between start() and the child's end (reaps it when it has ended).
+  [[nodiscard]] bool is_alive();
+  /// The child's pid; 0 before start().
+  [[nodiscard]] pid_t pid() const noexcept;
+  [[nodiscard]] const std::string& name() const noexcept { return options_.name; }
+  void set_name(std::string name) { options_.name = std::move(name); }
+  [[nodiscard]] bool daemon() const noexcept { return options_.daemon; }
+  /// Only before start(); StateError after.
+  void set_daemon(bool daemon);
+  [[nodiscard]] StartMethod start_method() const noexcept { return options_.start_method; }
+
+  /// SIGTERM to the child's process group. Does nothing if the child has already ended.
+  void terminate();
+  /// SIGKILL to the child's process group. Does nothing if the child has already ended.
+  void kill();
+  /// Any signal to the child's process group (not to a child that has been reaped).
+  void send_signal(int signal);
+
+  /// How the child ended. Throws StateError while it runs or before start().
+  [[nodiscard]] ExitStatus exit_status() const;
+  /// Python's Process.exitcode: empty while running (or before start), the exit code when it
+  /// exited, minus the signal number when a signal killed it. Reaps the child if it has ended.
+  [[nodiscard]] std::optional<int> exitcode();
+  /// A descriptor that becomes readable when the child ends (a pidfd), for poll(2) and
+  /// multiproc::wait; -1 where pidfds are unavailable or the child has been reaped.
+  [[nodiscard]] int sentinel() const noexcept;
+
+ private:
+  std::shared_ptr<detail::ProcessState> state_;
+  std::unique_ptr<detail::Target> target_;
+  ProcessOptions options_;
+};
+
+}  // namespace multiproc

@@ -1,0 +1,169 @@
+// The platform layer: the only code in multiproc that makes system calls.
+//
+// Every call goes through `checked()`: EINTR is retried (never for close, whose descriptor is
+// gone even when it reports EINTR), a failure becomes a `multiproc::SystemError` that names the
+// call, and tests can make any named call fail through `set_fault_hook()`.
+#pragma once
+
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <utility>
+
+#include "multiproc/error.hpp"
+
+namespace multiproc::detail::sys {
+
+/// A hook that decides whether the call `name` fails: it returns 0 to let it run, or the errno
+/// the call should fail with. Tests only; nullptr (the default) costs one relaxed load per call.
+using FaultHook = int (*)(const char* name) noexcept;
+void set_fault_hook(FaultHook hook) noexcept;
+extern std::atomic<FaultHook> g_fault_hook;
+
+inline int injected_fault(const char* name) noexcept {
+  FaultHook hook = g_fault_hook.load(std::memory_order_relaxed);
+  return hook ? hook(name) : 0;
+}
+
+/// Runs `call` (which returns -1 and sets errno on failure), retrying EINTR.
+template <class F>
+auto checked(const char* name, F&& call) {
+  for (;;) {
+    if (int e = injected_fault(name)) throw SystemError(e, name);
+    auto r = call();
+    if (r != -1) return r;
+    if (errno != EINTR) throw SystemError(errno, name);
+  }
+}
+
+/// Same as checked(), but returns -errno instead of throwing, for callers that handle some
+/// errors themselves (EAGAIN, ECHILD, ...).
+template <class F>
+auto checked_noexcept(const char* name, F&& call) noexcept -> decltype(call()) {
+  for (;;) {
+    if (int e = injected_fault(name)) return -e;
+    auto r = call();
+    if (r != -1) return r;
+    if (errno != EINTR) return -errno;
+  }
+}
+
+/// close(2) without retrying EINTR. Reports, never throws.
+void close_fd(int fd) noexcept;
+
+/// An owned file descriptor, close-on-exec, and known to the library's descriptor registry so that
+/// a child forked for one purpose never inherits the descriptors opened for another.
+class UniqueFd {
+ public:
+  UniqueFd() noexcept = default;
+  explicit UniqueFd(int fd) noexcept;  // takes ownership and registers
+  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)), generation_(o.generation_) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
+      generation_ = o.generation_;
+    }
+    return *this;
+  }
+  ~UniqueFd() { reset(); }
+
+  [[nodiscard]] int get() const noexcept { return fd_; }
+  [[nodiscard]] bool valid() const noexcept { return fd_ >= 0; }
+  explicit operator bool() const noexcept { return valid(); }
+  /// Closes the descriptor, unless it was inherited through fork: a forked child has already
+  /// closed (or adopted, see release()) every descriptor of its parent's, and the number may since
+  /// have been reused.
+  void reset() noexcept;
+  /// Gives up ownership (and registration) without closing. In a forked child this is how a kept
+  /// descriptor is adopted: `UniqueFd mine(inherited.release());`.
+  int release() noexcept;
+
+ private:
+  int fd_ = -1;
+  unsigned generation_ = 0;
+};
+
+/// Incremented in every child forked by fork_process: objects holding resources compare it with
+/// the value they were created under to tell inherited resources from their own.
+unsigned fork_generation() noexcept;
+
+/// In a freshly forked child: closes every registered descriptor except those in `keep` (which
+/// the child adopts through UniqueFd::release()), empties the registry and resets its lock (the
+/// parent may have had another thread inside it).
+void close_registered_fds_in_child(std::span<const int> keep) noexcept;
+/// Number of descriptors in the registry (tests).
+std::size_t registered_fd_count() noexcept;
+
+// ---- processes --------------------------------------------------------------------------
+
+struct ForkOptions {
+  bool new_process_group = true;  // so a kill reaches the child's own children too
+  bool die_with_parent = true;    // PR_SET_PDEATHSIG(SIGKILL) plus a getppid() re-check
+  std::span<const int> keep_fds;  // registered descriptors the child keeps
+};
+
+/// Forks. In the child, before `child_main` runs: caught signal handlers are reset to their
+/// defaults (ignored ones stay ignored, as across exec), the parent's death kills the child, the
+/// descriptors other children own are closed, and the signal mask is restored. `child_main` must
+/// not return; if it does, the child exits 0. Returns the child's pid in the parent.
+/// Signals are blocked around fork(2), so no handler of the parent's runs in the child.
+template <class F>
+pid_t fork_process(const ForkOptions& options, F&& child_main);
+
+/// pidfd_open(2); returns an invalid fd where the kernel or a sandbox refuses (ENOSYS, EPERM),
+/// in which case callers fall back to waitid(P_PID).
+UniqueFd pidfd_open(pid_t pid);
+
+/// waitid(2) for one child. `pidfd` is used when valid. Returns the siginfo when the child has
+/// exited (reaping it), nullopt when `nohang` is set and it is still running.
+std::optional<siginfo_t> wait_child(pid_t pid, int pidfd, bool nohang);
+
+/// Waits until `fd` is readable or the timeout passes; true if readable. A negative timeout
+/// waits forever.
+bool wait_readable(int fd, std::chrono::milliseconds timeout);
+
+/// Sends `sig` to the process (or its process group when `group` is set). ESRCH is not an error:
+/// returns false.
+bool send_signal(pid_t pid, int sig, bool group);
+
+/// A connected, close-on-exec AF_UNIX SOCK_STREAM pair.
+std::pair<UniqueFd, UniqueFd> socket_pair();
+
+/// Writes all of `data` (retrying short writes and EINTR). Throws SystemError (EPIPE when the
+/// peer is gone; SIGPIPE is never raised).
+void write_all(int fd, std::span<const std::byte> data);
+/// Reads exactly `data.size()` bytes. Returns false on EOF before the first byte; throws
+/// ProtocolError on EOF in the middle.
+bool read_exact(int fd, std::span<std::byte> data);
+
+namespace detail_fork {
+pid_t fork_prepare_and_fork(sigset_t& old_mask);
+void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t parent) noexcept;
+void parent_after_fork(const sigset_t& old_mask, pid_t child, bool new_process_group) noexcept;
+[[noreturn]] void child_exit(int code) noexcept;
+}  // namespace detail_fork
+
+template <class F>
+pid_t fork_process(const ForkOptions& options, F&& child_main) {
+  sigset_t old_mask;
+  const pid_t parent = ::getpid();
+  const pid_t pid = detail_fork::fork_prepare_and_fork(old_mask);
+  if (pid == 0) {
+    detail_fork::child_setup(options, old_mask, parent);
+    std::forward<F>(child_main)();
+    detail_fork::child_exit(0);
+  }
+  detail_fork::parent_after_fork(old_mask, pid, options.new_process_group);
+  return pid;
+}
+
+}  // namespace multiproc::detail::sys
