@@ -4,6 +4,8 @@
 
 #include <cxxabi.h>
 
+#include <string>
+
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -19,6 +21,17 @@ void report_error(const char* what) noexcept {
   ignored = ::write(STDERR_FILENO, "\n", 1);
   (void)ignored;
 }
+
+TaskError::TaskError(std::string type_name, std::string message, pid_t worker_pid)
+    : BasicError(type_name + ": " + message + " (in worker " + std::to_string(worker_pid) + ")"),
+      RemoteErrorInfo(std::move(type_name), std::move(message), worker_pid) {}
+
+WorkerCrashed::WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index)
+    : BasicError("worker " + std::to_string(worker_pid) + " " + status.to_string() + " while running task " +
+                 std::to_string(task_index)),
+      status_(status),
+      worker_pid_(worker_pid),
+      task_index_(task_index) {}
 
 namespace detail {
 

@@ -1,6 +1,8 @@
 #include "platform.hpp"
 
 #include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -151,7 +153,13 @@ void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t par
   }
   if (options.new_process_group) ::setpgid(0, 0);
   close_registered_fds_in_child(options.keep_fds);
-  ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+  if (options.clear_signal_mask) {
+    sigset_t none;
+    ::sigemptyset(&none);
+    ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+  } else {
+    ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+  }
 }
 
 void parent_after_fork(const sigset_t& old_mask, pid_t child, bool new_process_group) noexcept {
@@ -246,6 +254,58 @@ bool read_exact(int fd, std::span<std::byte> data) {
     got += static_cast<std::size_t>(n);
   }
   return true;
+}
+
+UniqueFd event_fd() {
+  return UniqueFd(checked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }));
+}
+
+void event_signal(int fd) {
+  const std::uint64_t one = 1;
+  const ssize_t r = checked_noexcept("write", [&] { return ::write(fd, &one, sizeof one); });
+  if (r < 0 && r != -EAGAIN) throw SystemError(static_cast<int>(-r), "write(eventfd)");
+}
+
+void event_drain(int fd) noexcept {
+  std::uint64_t value;
+  (void)checked_noexcept("read", [&] { return ::read(fd, &value, sizeof value); });
+}
+
+int poll_fds(struct pollfd* fds, std::size_t n, std::chrono::milliseconds timeout) {
+  using clock = std::chrono::steady_clock;
+  const bool forever = timeout.count() < 0;
+  const auto deadline = clock::now() + (forever ? std::chrono::milliseconds(0) : timeout);
+  for (;;) {
+    int ms = -1;
+    if (!forever) {
+      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now());
+      ms = static_cast<int>(std::max<long long>(0, std::min<long long>(left.count(), 1 << 30)));
+    }
+    if (int e = injected_fault("poll")) throw SystemError(e, "poll");
+    const int r = ::poll(fds, static_cast<nfds_t>(n), ms);
+    if (r >= 0) return r;
+    if (errno != EINTR) throw SystemError(errno, "poll");
+  }
+}
+
+SharedMapping::SharedMapping(std::size_t size) : size_(size) {
+  const std::intptr_t p = checked("mmap", [&]() -> std::intptr_t {
+    void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    return m == MAP_FAILED ? -1 : reinterpret_cast<std::intptr_t>(m);
+  });
+  data_ = reinterpret_cast<void*>(p);
+}
+
+void SharedMapping::reset() noexcept {
+  if (data_) ::munmap(data_, size_);
+  data_ = nullptr;
+  size_ = 0;
+}
+
+void block_all_signals_in_this_thread() noexcept {
+  sigset_t all;
+  ::sigfillset(&all);
+  ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
 }
 
 }  // namespace multiproc::detail::sys

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <signal.h>
+#include <poll.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <span>
 #include <utility>
@@ -109,6 +111,7 @@ struct ForkOptions {
   bool new_process_group = true;  // so a kill reaches the child's own children too
   bool die_with_parent = true;    // PR_SET_PDEATHSIG(SIGKILL) plus a getppid() re-check
   std::span<const int> keep_fds;  // registered descriptors the child keeps
+  bool clear_signal_mask = false; // the child starts with no signal blocked instead of the caller's mask
 };
 
 /// Forks. In the child, before `child_main` runs: caught signal handlers are reset to their
@@ -144,6 +147,46 @@ void write_all(int fd, std::span<const std::byte> data);
 /// Reads exactly `data.size()` bytes. Returns false on EOF before the first byte; throws
 /// ProtocolError on EOF in the middle.
 bool read_exact(int fd, std::span<std::byte> data);
+
+/// An eventfd (close-on-exec) for waking a thread that sleeps in poll(2).
+UniqueFd event_fd();
+/// Adds 1 to an eventfd (wakes its poller).
+void event_signal(int fd);
+/// Resets an eventfd that poll reported readable.
+void event_drain(int fd) noexcept;
+
+/// poll(2) over `fds`, EINTR retried with the remaining time; a negative timeout waits forever.
+/// Returns the number of ready descriptors.
+int poll_fds(struct pollfd* fds, std::size_t n, std::chrono::milliseconds timeout);
+
+/// Anonymous memory shared with the children forked after it was made (MAP_SHARED). Unmapped on
+/// destruction.
+class SharedMapping {
+ public:
+  SharedMapping() noexcept = default;
+  explicit SharedMapping(std::size_t size);
+  SharedMapping(SharedMapping&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  SharedMapping& operator=(SharedMapping&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  ~SharedMapping() { reset(); }
+  [[nodiscard]] void* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  void reset() noexcept;
+
+ private:
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// Blocks every signal in the calling thread (for library threads, so that signals go to the
+/// application's own threads).
+void block_all_signals_in_this_thread() noexcept;
 
 namespace detail_fork {
 pid_t fork_prepare_and_fork(sigset_t& old_mask);

@@ -14,7 +14,12 @@
 
 #include <stdexcept>
 #include <string>
+#include <sys/types.h>
+
+#include <cstddef>
 #include <system_error>
+
+#include "multiproc/exit_status.hpp"
 
 namespace multiproc {
 
@@ -69,6 +74,75 @@ class StateError : public detail::BasicError<std::logic_error> {
 
 /// A function was given an argument it cannot accept (zero processes, a negative timeout, ...).
 class InvalidArgument : public detail::BasicError<std::invalid_argument> {
+ public:
+  using BasicError::BasicError;
+};
+
+// ---- errors of tasks run by a Pool ------------------------------------------------------------
+
+/// What every exception that came back from a worker carries: the type the task threw (demangled),
+/// its message, and the pid of the worker that ran it. Both `TaskError` and the standard or
+/// registered exception types rethrown as themselves (see `register_exception`) carry it; reach it
+/// from any exception with `multiproc::remote_info(e)`.
+class RemoteErrorInfo {
+ public:
+  RemoteErrorInfo(std::string type_name, std::string message, pid_t worker_pid)
+      : type_name_(std::move(type_name)), message_(std::move(message)), worker_pid_(worker_pid) {}
+  virtual ~RemoteErrorInfo() = default;
+  [[nodiscard]] const std::string& type_name() const noexcept { return type_name_; }
+  [[nodiscard]] const std::string& message() const noexcept { return message_; }
+  [[nodiscard]] pid_t worker_pid() const noexcept { return worker_pid_; }
+
+ private:
+  std::string type_name_;
+  std::string message_;
+  pid_t worker_pid_;
+};
+
+/// A task threw an exception of a type the parent does not know how to rebuild.
+/// what() reads "<type>: <message> (in worker <pid>)".
+class TaskError : public detail::BasicError<std::runtime_error>, public RemoteErrorInfo {
+ public:
+  TaskError(std::string type_name, std::string message, pid_t worker_pid);
+};
+
+/// The info of an exception that came back from a worker, or nullptr for a local one.
+inline const RemoteErrorInfo* remote_info(const std::exception& e) noexcept {
+  return dynamic_cast<const RemoteErrorInfo*>(&e);
+}
+
+/// The worker running a task died before finishing it: a signal (SIGSEGV, SIGABRT, SIGKILL from
+/// the OOM killer, ...) or an exit() inside the task. Only that task fails; the pool replaces the
+/// worker and goes on.
+class WorkerCrashed : public detail::BasicError<std::runtime_error> {
+ public:
+  WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index);
+  [[nodiscard]] ExitStatus status() const noexcept { return status_; }
+  [[nodiscard]] pid_t worker_pid() const noexcept { return worker_pid_; }
+  /// The index of the task in its call: the element of a map, 0 for apply.
+  [[nodiscard]] std::size_t task_index() const noexcept { return task_index_; }
+
+ private:
+  ExitStatus status_;
+  pid_t worker_pid_;
+  std::size_t task_index_;
+};
+
+/// A pool was used after close() or terminate().
+class PoolClosed : public StateError {
+ public:
+  using StateError::StateError;
+};
+
+/// The task will never run or finish: its pool was terminated (or destroyed) first.
+class Cancelled : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
+/// The pool's initializer threw in a worker: no task can run, so every task fails with this
+/// (instead of workers being restarted forever, as in Python).
+class InitializerError : public detail::BasicError<std::runtime_error> {
  public:
   using BasicError::BasicError;
 };

@@ -5,4 +5,5 @@
 #include "multiproc/cpu.hpp"
 #include "multiproc/error.hpp"
 #include "multiproc/exit_status.hpp"
+#include "multiproc/pool.hpp"
 #include "multiproc/process.hpp"

@@ -52,7 +52,7 @@ enum class StartMethod {
 
 struct ProcessOptions {
   /// Defaults to "Process-N", N counting from 1 in each process.
-  std::string name;
+  std::string name{};
   /// A daemon child is terminated when its parent exits normally, instead of being joined; like
   /// every child it is killed when the parent dies abnormally.
   bool daemon = false;

@@ -1,0 +1,110 @@
+// The compiled half of Pool: worker processes, the supervisor thread, chunks and their results.
+// Internal. The templates in pool.hpp encode requests into Chunks and decode Pieces.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "multiproc/codec.hpp"
+
+namespace multiproc {
+struct PoolOptions;
+}
+
+namespace multiproc::detail {
+
+/// Outcomes of a run of consecutive items of one call: `count` outcomes, in order, in `bytes`.
+struct Piece {
+  std::uint64_t first = 0;
+  std::uint32_t count = 0;
+  Writer bytes;
+};
+
+/// One call's results (an apply, a map, an imap), filled by the supervisor piece by piece. A
+/// worker's crash splits a chunk, so pieces can be smaller than the chunks that were sent; they
+/// never overlap and together cover every item submitted.
+class Job {
+ public:
+  Job() = default;
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
+
+  /// Supervisor side.
+  void deliver(Piece piece);
+
+  /// Waits for the piece that starts at `first` and takes it.
+  Piece take_at(std::uint64_t first);
+  /// Waits for any piece and takes the one with the lowest index.
+  Piece take_any();
+  /// Waits until `total` items have outcomes; false if the deadline passed first.
+  bool wait_done(std::uint64_t total, std::optional<std::chrono::steady_clock::time_point> deadline);
+  [[nodiscard]] bool done(std::uint64_t total);
+  /// Every piece, in index order (after wait_done).
+  std::vector<Piece> take_all();
+
+  /// The caller will not read any more results: queued chunks of this job are dropped.
+  void abandon() noexcept { abandoned_.store(true, std::memory_order_relaxed); }
+  [[nodiscard]] bool abandoned() const noexcept { return abandoned_.load(std::memory_order_relaxed); }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::uint64_t, Piece> pieces_;
+  std::uint64_t items_done_ = 0;
+  std::atomic<bool> abandoned_{false};
+};
+
+/// A request for a worker: consecutive items of one job, with the callable, encoded.
+/// Layout of `request` after the frame header: u64 invoker id, u32 count, callable, items.
+struct Chunk {
+  std::shared_ptr<Job> job;
+  std::uint64_t first = 0;
+  std::uint32_t count = 0;
+  Writer request;
+  /// Offsets in `request` where each item starts, and where the items end; lets the pool split a
+  /// chunk after a crash without decoding it.
+  std::vector<std::size_t> item_offsets;
+  std::size_t items_end = 0;
+};
+
+/// Starts a chunk: frame header room, the invoker id, a count to be patched by finish_chunk().
+void begin_chunk(Chunk& c, std::uint64_t invoker_id);
+/// Marks where the next item starts.
+inline void mark_item(Chunk& c) { c.item_offsets.push_back(c.request.size()); }
+void finish_chunk(Chunk& c);
+
+class PoolCore {
+ public:
+  explicit PoolCore(const PoolOptions& options);
+  ~PoolCore();
+  PoolCore(const PoolCore&) = delete;
+  PoolCore& operator=(const PoolCore&) = delete;
+
+  /// Queues chunks; throws PoolClosed after close() or terminate().
+  void submit(std::vector<Chunk> chunks);
+  void submit(Chunk chunk);
+
+  void close();
+  void terminate() noexcept;
+  void join();
+
+  [[nodiscard]] int processes() const noexcept;
+  /// The pids of the workers running now.
+  [[nodiscard]] std::vector<pid_t> worker_pids() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace multiproc::detail

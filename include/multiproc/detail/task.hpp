@@ -1,0 +1,185 @@
+// How "which function to run, on what" reaches a worker, and how its outcome comes back.
+// Internal: nothing here is part of the public API.
+//
+// A task names its code by an invoker id: a hash of the mangled name of the Invoker<...> type
+// that decodes the arguments, calls, and encodes the outcome. Invokers register themselves at
+// static initialization, through a static member that every submitting template odr-uses (so the
+// linker cannot drop it). A worker looks a received id up in that registry and never jumps to an
+// address it was sent; an unknown id is an error reply, not a crash.
+//
+// The callable travels with the task:
+//   - a class type (captureless lambda, functor): nothing when it is empty, else its encoding;
+//   - a function pointer: its module and offset, checked on arrival to fall inside executable
+//     code of a module loaded in the worker (same build: the pool's workers are forked from it).
+#pragma once
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <variant>
+
+#include "multiproc/codec.hpp"
+#include "multiproc/error.hpp"
+
+namespace multiproc::detail {
+
+/// What a worker tells its parent about progress through a chunk: the item it is running. Lives
+/// in memory shared with the parent, so it survives the worker's death.
+struct TaskContext {
+  std::atomic<std::uint32_t>* current_item = nullptr;
+  void at_item(std::uint32_t i) const noexcept {
+    if (current_item) current_item->store(i, std::memory_order_relaxed);
+  }
+};
+
+using InvokeFn = void (*)(Reader& request, std::uint32_t count, Writer& reply, const TaskContext& ctx);
+
+/// Registers `fn` under the hash of `mangled_name`; returns the id. Two different names with one
+/// hash abort the program at start-up with a message (never a silent mix-up).
+std::uint64_t register_invoker(const char* mangled_name, InvokeFn fn);
+/// The invoker registered under `id`, or nullptr.
+InvokeFn find_invoker(std::uint64_t id) noexcept;
+
+/// A function's address as (module index, offset in the module).
+void encode_function_address(Writer& w, void (*fn)());
+/// Rebuilds an address encoded by encode_function_address() and checks that it lies in an
+/// executable segment of a loaded module; SerializationError if not.
+void (*decode_function_address(Reader& r))();
+
+// ---- outcomes --------------------------------------------------------------------------------
+enum class OutcomeTag : std::uint8_t {
+  value = 0,       // the encoded result follows
+  exception = 1,   // type name, message, pid
+  crashed = 2,     // exit status, pid, task index
+  pool_error = 3,  // PoolErrorKind, message
+};
+enum class PoolErrorKind : std::uint8_t { cancelled = 0, protocol = 1, initializer = 2, system = 3 };
+
+/// Inside a catch block in a worker: writes the exception being handled as an outcome.
+void encode_current_exception(Writer& w) noexcept;
+/// Parent side: rebuilds and throws the error of an outcome whose tag is not `value`.
+[[noreturn]] void throw_outcome_error(OutcomeTag tag, Reader& r);
+/// Same, as an exception_ptr.
+std::exception_ptr outcome_error(OutcomeTag tag, Reader& r);
+
+inline OutcomeTag read_outcome_tag(Reader& r) {
+  const auto t = r.read_value<std::uint8_t>();
+  if (t > 3) throw SerializationError("corrupt outcome tag");
+  return static_cast<OutcomeTag>(t);
+}
+
+/// Decodes one item's outcome: its value, or throws its error.
+template <class R>
+R decode_outcome(Reader& r) {
+  const OutcomeTag tag = read_outcome_tag(r);
+  if (tag != OutcomeTag::value) throw_outcome_error(tag, r);
+  if constexpr (std::is_void_v<R>) {
+    return;
+  } else {
+    return decode<R>(r);
+  }
+}
+
+// ---- callables -------------------------------------------------------------------------------
+template <class T>
+struct always_false : std::false_type {};
+
+template <class Fn>
+inline constexpr bool is_function_pointer_v = std::is_pointer_v<Fn> && std::is_function_v<std::remove_pointer_t<Fn>>;
+
+/// Compile-time check that a callable can be sent to a worker, with a message that says what to
+/// do instead.
+template <class Fn>
+constexpr void check_sendable() {
+  if constexpr (is_function_pointer_v<Fn>) {
+  } else if constexpr (std::is_class_v<Fn>) {
+    static_assert(std::is_default_constructible_v<Fn>,
+                  "multiproc::Pool cannot send this callable to a worker process: it is a lambda with "
+                  "captures (or a functor with no default constructor), and a capture's address means "
+                  "nothing in another process. Pass the captured data as an argument instead, use a functor "
+                  "type whose state the codec can encode, or run the closure with multiproc::Process (one "
+                  "fork per call, which inherits it).");
+    static_assert(std::is_empty_v<Fn> || Encodable<Fn>,
+                  "multiproc::Pool cannot send this functor: its state is not encodable. Give it a cereal "
+                  "serialize(Archive&) or make it trivially copyable.");
+  } else {
+    static_assert(always_false<Fn>::value,
+                  "multiproc::Pool can send function pointers, captureless lambdas and encodable functors");
+  }
+}
+
+template <class Fn>
+void encode_function(Writer& w, const Fn& f) {
+  if constexpr (is_function_pointer_v<Fn>) {
+    encode_function_address(w, reinterpret_cast<void (*)()>(f));
+  } else if constexpr (!std::is_empty_v<Fn>) {
+    encode(w, f);
+  }
+}
+
+template <class Fn>
+Fn decode_function(Reader& r) {
+  if constexpr (is_function_pointer_v<Fn>) {
+    return reinterpret_cast<Fn>(decode_function_address(r));
+  } else if constexpr (std::is_empty_v<Fn>) {
+    return Fn{};
+  } else {
+    return decode<Fn>(r);
+  }
+}
+
+/// Calls `f` with an item: as one argument, or (Star) with the item's tuple elements.
+template <bool Star, class Fn, class Item>
+decltype(auto) call_with(Fn& f, Item&& item) {
+  if constexpr (Star) {
+    return std::apply(f, std::forward<Item>(item));
+  } else {
+    return std::invoke(f, std::forward<Item>(item));
+  }
+}
+
+template <bool Star, class Fn, class Item>
+using call_result_t = std::decay_t<decltype(call_with<Star>(std::declval<Fn&>(), std::declval<Item&&>()))>;
+
+/// Runs a chunk in a worker: decodes the callable once, then each item, calls, and writes one
+/// outcome per item. An exception from the call or from encoding its result becomes that item's
+/// outcome; a failure to decode the request fails the whole chunk (the parent sent it: a bug or a
+/// corruption, reported as a fault).
+template <class Fn, class Item, bool Star>
+struct Invoker {
+  static void invoke(Reader& request, std::uint32_t count, Writer& reply, const TaskContext& ctx) {
+    Fn f = decode_function<Fn>(request);
+    for (std::uint32_t i = 0; i < count; ++i) {
+      ctx.at_item(i);
+      Item item = decode<Item>(request);
+      const std::size_t mark = reply.size();
+      try {
+        using R = call_result_t<Star, Fn, Item>;
+        if constexpr (std::is_void_v<R>) {
+          call_with<Star>(f, std::move(item));
+          reply.write_value(static_cast<std::uint8_t>(OutcomeTag::value));
+        } else {
+          R result = call_with<Star>(f, std::move(item));
+          reply.write_value(static_cast<std::uint8_t>(OutcomeTag::value));
+          encode(reply, result);
+        }
+      } catch (...) {
+        reply.truncate(mark);
+        encode_current_exception(reply);
+      }
+    }
+  }
+  static const std::uint64_t id;
+};
+
+template <class Fn, class Item, bool Star>
+const std::uint64_t Invoker<Fn, Item, Star>::id = register_invoker(typeid(Invoker).name(), &Invoker::invoke);
+
+}  // namespace multiproc::detail

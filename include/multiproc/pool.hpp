@@ -1,0 +1,530 @@
+// multiproc/pool.hpp — a pool of worker processes: Python's multiprocessing.Pool for C++, where a
+// crash fails one task and nothing else.
+//
+//     int square(int x) { return x * x; }
+//
+//     multiproc::Pool pool{{.processes = 4}};                     // default: cpu_count()
+//     std::vector<int> ys = pool.map(square, std::views::iota(0, 1000));
+//     int y = pool.apply(square, 7);
+//     multiproc::AsyncResult<int> r = pool.apply_async(square, 7);  // r.get(), r.wait_for(...)
+//     for (int v : pool.imap(square, xs)) { ... }                   // lazy, ordered, bounded
+//     auto [mean, hist] = pool.invoke_all(input, compute_mean, compute_hist);
+//
+// What a task can be: a function pointer, a captureless lambda, or a functor whose state the
+// codec can encode; arguments and results are anything the codec encodes (see codec.hpp). A lambda
+// with captures is refused at compile time: pass the data as an argument, or use Process.
+//
+// Faults. A task that throws comes back as the same standard exception type (std::runtime_error,
+// std::invalid_argument, ...; see register_exception for your own types) or as TaskError, both
+// carrying the type name, message and worker pid (multiproc::remote_info). A worker that dies in a
+// task (SIGSEGV, abort, SIGKILL, exit) fails exactly that task with WorkerCrashed; the worker is
+// replaced and every other task completes. If the crash happened inside a chunk of several items,
+// the items of that chunk that ran before it run again (their results died with the worker): use
+// chunksize 1 for tasks whose side effects must not repeat.
+//
+// Lifetime. The destructor terminates: workers are killed and unfinished AsyncResults fail with
+// Cancelled. It never waits for tasks, so it can never hang on one; call close() and join() first
+// to let queued work finish. (Python's `with Pool()` block terminates the same way.) Results,
+// AsyncResults and imap ranges must not outlive... only imap ranges need the pool alive; an
+// AsyncResult stays valid after the pool is gone.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "multiproc/codec.hpp"
+#include "multiproc/detail/pool_core.hpp"
+#include "multiproc/detail/task.hpp"
+#include "multiproc/error.hpp"
+
+namespace multiproc {
+
+struct PoolOptions {
+  /// Number of worker processes; default cpu_count(). Zero or negative: InvalidArgument.
+  std::optional<int> processes{};
+  /// Runs once in each worker when it starts (under fork it may capture anything). If it throws,
+  /// every task of the pool fails with InitializerError.
+  std::function<void()> initializer{};
+  /// A worker exits after this many chunks (tasks, in Python's sense) and is replaced; 0 = never.
+  std::size_t max_tasks_per_child = 0;
+  /// Upper bound for one request or one chunk's results, in bytes; larger fails that call with
+  /// ProtocolError instead of exhausting memory.
+  std::size_t max_message_bytes = std::size_t{1} << 34;
+};
+
+/// Registers an exception type so that a task throwing it is rethrown in the parent as that type
+/// (built from its message), instead of as TaskError. The standard exception types are registered
+/// already. `name` defaults to the demangled type name, which is what workers report.
+template <class E>
+  requires std::constructible_from<E, const std::string&>
+void register_exception();
+
+namespace detail {
+using ExceptionFactory = std::exception_ptr (*)(const std::string& type, const std::string& message, pid_t pid);
+void register_exception_factory(const std::type_info& type, ExceptionFactory factory);
+
+template <class E>
+class Remote final : public E, public Error, public RemoteErrorInfo {
+ public:
+  Remote(const std::string& type, const std::string& message, pid_t pid)
+      : E(message), RemoteErrorInfo(type, message, pid) {}
+  [[nodiscard]] const char* what() const noexcept override { return E::what(); }
+};
+}  // namespace detail
+
+template <class E>
+  requires std::constructible_from<E, const std::string&>
+void register_exception() {
+  detail::register_exception_factory(typeid(E), [](const std::string& type, const std::string& message, pid_t pid) {
+    return std::make_exception_ptr(detail::Remote<E>(type, message, pid));
+  });
+}
+
+/// A value or the error that took its place: what map_outcomes() returns for each element.
+template <class R>
+class Outcome {
+ public:
+  explicit Outcome(R value) : v_(std::in_place_index<0>, std::move(value)) {}
+  explicit Outcome(std::exception_ptr error) : v_(std::in_place_index<1>, std::move(error)) {}
+
+  [[nodiscard]] bool has_value() const noexcept { return v_.index() == 0; }
+  explicit operator bool() const noexcept { return has_value(); }
+  /// The value; rethrows the error if there is one.
+  [[nodiscard]] const R& value() const& {
+    if (!has_value()) std::rethrow_exception(std::get<1>(v_));
+    return std::get<0>(v_);
+  }
+  [[nodiscard]] R value() && {
+    if (!has_value()) std::rethrow_exception(std::get<1>(v_));
+    return std::move(std::get<0>(v_));
+  }
+  /// The error, or nullptr.
+  [[nodiscard]] std::exception_ptr error() const noexcept { return has_value() ? nullptr : std::get<1>(v_); }
+
+ private:
+  std::variant<R, std::exception_ptr> v_;
+};
+
+namespace detail {
+template <class T>
+using stored_t = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+
+template <class R>
+stored_t<R> decode_single(std::vector<Piece>& pieces) {
+  Reader r(pieces.at(0).bytes.bytes());
+  if constexpr (std::is_void_v<R>) {
+    decode_outcome<void>(r);
+    return {};
+  } else {
+    return decode_outcome<R>(r);
+  }
+}
+
+template <class R>
+std::vector<R> decode_vector(std::vector<Piece>& pieces) {
+  std::vector<R> out;
+  std::size_t n = 0;
+  for (auto& p : pieces) n += p.count;
+  out.reserve(n);
+  for (auto& p : pieces) {
+    Reader r(p.bytes.bytes());
+    for (std::uint32_t i = 0; i < p.count; ++i) out.push_back(decode_outcome<R>(r));
+  }
+  return out;
+}
+
+template <class R>
+std::vector<Outcome<R>> decode_outcomes(std::vector<Piece>& pieces) {
+  std::vector<Outcome<R>> out;
+  for (auto& p : pieces) {
+    Reader r(p.bytes.bytes());
+    for (std::uint32_t i = 0; i < p.count; ++i) {
+      const OutcomeTag tag = read_outcome_tag(r);
+      if (tag == OutcomeTag::value) {
+        out.emplace_back(decode<R>(r));
+      } else {
+        out.emplace_back(outcome_error(tag, r));
+      }
+    }
+  }
+  return out;
+}
+}  // namespace detail
+
+/// The result of an asynchronous call (apply_async, map_async, ...). Python's AsyncResult.
+template <class T>
+class AsyncResult {
+ public:
+  using value_type = T;
+  using Decoder = detail::stored_t<T> (*)(std::vector<detail::Piece>&);
+
+  AsyncResult(std::shared_ptr<detail::Job> job, std::uint64_t total, Decoder decoder)
+      : job_(std::move(job)), total_(total), decoder_(decoder) {}
+
+  /// Waits for the result and returns it, or throws the task's error (the first one in order,
+  /// for a map).
+  decltype(auto) get() & {
+    settle();
+    if (error_) std::rethrow_exception(error_);
+    if constexpr (std::is_void_v<T>) {
+      return;
+    } else {
+      return static_cast<const T&>(*value_);
+    }
+  }
+  T get() && {
+    settle();
+    if (error_) std::rethrow_exception(error_);
+    if constexpr (!std::is_void_v<T>) return std::move(*value_);
+  }
+  /// Waits at most `timeout` and then returns the result (throwing multiproc::Timeout...) —
+  /// see wait_for for the non-throwing form.
+  void wait() { job_->wait_done(total_, std::nullopt); }
+  /// Waits at most `timeout`; true if the result is ready. Does not stop the task.
+  template <class Rep, class Period>
+  bool wait_for(std::chrono::duration<Rep, Period> timeout) {
+    return job_->wait_done(total_, std::chrono::steady_clock::now() +
+                                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
+  }
+  [[nodiscard]] bool ready() const { return job_->done(total_); }
+  /// True if ready and no task failed; StateError if not ready yet (as Python's ValueError).
+  [[nodiscard]] bool successful() {
+    if (!ready()) throw StateError("AsyncResult::successful() called before the result is ready");
+    settle();
+    return !error_;
+  }
+
+ private:
+  void settle() {
+    if (settled_) return;
+    job_->wait_done(total_, std::nullopt);
+    auto pieces = job_->take_all();
+    try {
+      value_.emplace(decoder_(pieces));
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    settled_ = true;
+  }
+
+  std::shared_ptr<detail::Job> job_;
+  std::uint64_t total_;
+  Decoder decoder_;
+  bool settled_ = false;
+  std::optional<detail::stored_t<T>> value_;
+  std::exception_ptr error_;
+};
+
+class Pool;
+
+/// The lazy result range of imap / imap_unordered: an input range, iterated once. Keeps a
+/// bounded number of chunks in flight, submitting more as results are consumed, so it works on
+/// endless inputs. An item whose task failed throws its error when dereferenced; iteration can go
+/// on past it. Destroying the range drops the chunks not yet started. The pool must outlive it.
+template <class V, class Fn, class Item, bool Star, bool Ordered>
+class ImapRange {
+ public:
+  using result_type = detail::stored_t<detail::call_result_t<Star, Fn, Item>>;
+
+  ImapRange(detail::PoolCore& core, V view, Fn f, std::size_t chunksize, std::size_t window)
+      : core_(core), view_(std::move(view)), f_(std::move(f)), chunksize_(chunksize), window_(window),
+        job_(std::make_shared<detail::Job>()) {}
+  ImapRange(const ImapRange&) = delete;
+  ImapRange& operator=(const ImapRange&) = delete;
+  ~ImapRange() { job_->abandon(); }
+
+  class iterator {
+   public:
+    using value_type = result_type;
+    using difference_type = std::ptrdiff_t;
+    using iterator_concept = std::input_iterator_tag;
+
+    iterator() = default;
+    explicit iterator(ImapRange* r) : r_(r) {}
+    /// The current result; throws the task's error if it failed.
+    const result_type& operator*() const { return r_->current(); }
+    const result_type* operator->() const { return &r_->current(); }
+    iterator& operator++() {
+      r_->advance();
+      return *this;
+    }
+    void operator++(int) { r_->advance(); }
+    friend bool operator==(const iterator& it, std::default_sentinel_t) { return it.at_end(); }
+
+   private:
+    bool at_end() const noexcept { return r_->at_end(); }
+    ImapRange* r_ = nullptr;
+  };
+
+  iterator begin() {
+    if (started_) throw StateError("an imap range can be iterated only once");
+    started_ = true;
+    input_ = std::ranges::begin(view_);
+    advance();
+    return iterator(this);
+  }
+  std::default_sentinel_t end() const noexcept { return {}; }
+
+ private:
+  void refill() {
+    while (!input_done_ && submitted_chunks_ - consumed_chunks_ < window_) {
+      detail::Chunk c;
+      c.job = job_;
+      c.first = next_index_;
+      detail::begin_chunk(c, detail::Invoker<Fn, Item, Star>::id);
+      detail::encode_function(c.request, f_);
+      while (c.count < chunksize_ && *input_ != std::ranges::end(view_)) {
+        detail::mark_item(c);
+        encode(c.request, static_cast<const Item&>(Item(**input_)));
+        ++*input_;
+        ++c.count;
+      }
+      if (*input_ == std::ranges::end(view_)) input_done_ = true;
+      if (c.count == 0) break;
+      next_index_ += c.count;
+      detail::finish_chunk(c);
+      core_.submit(std::move(c));
+      ++submitted_chunks_;
+    }
+  }
+
+  void advance() {
+    value_.reset();
+    error_ = nullptr;
+    if (left_in_piece_ == 0) {
+      refill();
+      if (yielded_ == next_index_) {  // nothing left anywhere
+        finished_ = true;
+        return;
+      }
+      piece_ = Ordered ? job_->take_at(yielded_) : job_->take_any();
+      reader_.emplace(piece_.bytes.bytes());
+      left_in_piece_ = piece_.count;
+      // A chunk split by a crash comes back in several pieces; a chunk counts as consumed when
+      // its last item has come back, which is what the window bounds.
+      consumed_items_ += piece_.count;
+      consumed_chunks_ = consumed_items_ / chunksize_;
+    }
+    --left_in_piece_;
+    ++yielded_;
+    const detail::OutcomeTag tag = detail::read_outcome_tag(*reader_);
+    if (tag == detail::OutcomeTag::value) {
+      value_.emplace(decode<result_type>(*reader_));
+    } else {
+      error_ = detail::outcome_error(tag, *reader_);
+    }
+  }
+
+  const result_type& current() const {
+    if (error_) std::rethrow_exception(error_);
+    return *value_;
+  }
+  bool at_end() const noexcept { return finished_; }
+
+  detail::PoolCore& core_;
+  V view_;
+  Fn f_;
+  std::size_t chunksize_;
+  std::size_t window_;
+  std::shared_ptr<detail::Job> job_;
+  std::optional<std::ranges::iterator_t<V>> input_;
+  bool started_ = false;
+  bool input_done_ = false;
+  bool finished_ = false;
+  std::uint64_t next_index_ = 0;  // items submitted
+  std::uint64_t yielded_ = 0;     // items handed out
+  std::uint64_t submitted_chunks_ = 0;
+  std::uint64_t consumed_chunks_ = 0;
+  std::uint64_t consumed_items_ = 0;
+  detail::Piece piece_;
+  std::optional<Reader> reader_;
+  std::uint32_t left_in_piece_ = 0;
+  std::optional<result_type> value_;
+  std::exception_ptr error_;
+};
+
+class Pool {
+ public:
+  explicit Pool(PoolOptions options = {});
+  /// Terminates: see "Lifetime" above.
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  Pool(Pool&&) noexcept;
+  Pool& operator=(Pool&&) noexcept;
+
+  // ---- one call ------------------------------------------------------------------------------
+  /// Runs f(args...) in a worker; the future result.
+  template <class F, class... Args>
+  auto apply_async(F&& f, Args&&... args) {
+    using Fn = std::decay_t<F>;
+    using Item = std::tuple<std::decay_t<Args>...>;
+    detail::check_sendable<Fn>();
+    using R = detail::call_result_t<true, Fn, Item>;
+    auto job = std::make_shared<detail::Job>();
+    detail::Chunk c;
+    c.job = job;
+    detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
+    detail::encode_function(c.request, static_cast<const Fn&>(f));
+    detail::mark_item(c);
+    encode_all(c.request, args...);
+    c.count = 1;
+    detail::finish_chunk(c);
+    core().submit(std::move(c));
+    return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
+  }
+  /// Runs f(args...) in a worker and waits for its result.
+  template <class F, class... Args>
+  auto apply(F&& f, Args&&... args) {
+    return apply_async(std::forward<F>(f), std::forward<Args>(args)...).get();
+  }
+
+  /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
+  template <class Input, class... Fs>
+  auto invoke_all(const Input& input, Fs&&... fs) {
+    auto results = std::make_tuple(apply_async(std::forward<Fs>(fs), input)...);
+    return std::apply([](auto&... r) { return std::make_tuple(std::move(r).get()...); }, results);
+  }
+
+  // ---- maps ----------------------------------------------------------------------------------
+  /// f over every element, in order; throws the first failed element's error (in input order)
+  /// once all are done. `chunksize` 0: automatic (Python's rule, len / (4 × processes), rounded up).
+  template <class F, std::ranges::input_range R>
+  auto map(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return map_async(std::forward<F>(f), std::forward<R>(inputs), chunksize).get();
+  }
+  template <class F, std::ranges::input_range R>
+  auto map_async(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return submit_map<false>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+  /// Like map, but every element's outcome — value or error — instead of the first error
+  /// (asyncio.gather(return_exceptions=True)).
+  template <class F, std::ranges::input_range R>
+  auto map_outcomes(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    using Fn = std::decay_t<F>;
+    using Item = std::ranges::range_value_t<R>;
+    using Res = detail::stored_t<detail::call_result_t<false, Fn, Item>>;
+    auto [job, total] = submit_chunks<false>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    return AsyncResult<std::vector<Outcome<Res>>>(job, total, &detail::decode_outcomes<Res>).get();
+  }
+  /// f(a, b, ...) for each tuple (a, b, ...) of the input.
+  template <class F, std::ranges::input_range R>
+  auto starmap(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return starmap_async(std::forward<F>(f), std::forward<R>(inputs), chunksize).get();
+  }
+  template <class F, std::ranges::input_range R>
+  auto starmap_async(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return submit_map<true>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+
+  /// Lazy, ordered results; at most a few chunks per worker in flight. `chunksize` 1 by default,
+  /// as in Python: raise it for small tasks.
+  template <class F, std::ranges::input_range R>
+  auto imap(F&& f, R&& inputs, std::size_t chunksize = 1) {
+    return make_imap<true>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+  /// Lazy results in completion order.
+  template <class F, std::ranges::input_range R>
+  auto imap_unordered(F&& f, R&& inputs, std::size_t chunksize = 1) {
+    return make_imap<false>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+
+  // ---- life cycle ----------------------------------------------------------------------------
+  /// No more tasks; the workers exit once the queued ones are done.
+  void close();
+  /// Stops the workers now; tasks not finished fail with Cancelled.
+  void terminate() noexcept;
+  /// Waits for the workers to exit; only after close() or terminate() (StateError otherwise).
+  void join();
+
+  [[nodiscard]] int processes() const noexcept;
+  /// The pids of the current workers (they change as workers are replaced).
+  [[nodiscard]] std::vector<pid_t> worker_pids() const;
+
+ private:
+  detail::PoolCore& core() const;
+
+  template <bool Star, class F, class R>
+  std::pair<std::shared_ptr<detail::Job>, std::uint64_t> submit_chunks(F&& f, R&& inputs, std::size_t chunksize) {
+    using Fn = std::decay_t<F>;
+    using Item = std::ranges::range_value_t<R>;
+    detail::check_sendable<Fn>();
+    if constexpr (!std::ranges::sized_range<R>) {
+      // Unknown length: gather the items first (a map's results take that memory anyway).
+      std::vector<Item> items;
+      for (auto&& x : inputs) items.push_back(static_cast<Item>(x));
+      return submit_chunks<Star>(std::forward<F>(f), items, chunksize);
+    } else {
+      const std::size_t n = static_cast<std::size_t>(std::ranges::size(inputs));
+      if (chunksize == 0) {
+        const std::size_t per = static_cast<std::size_t>(processes()) * 4;
+        chunksize = n / per + (n % per ? 1 : 0);
+        if (chunksize == 0) chunksize = 1;
+      }
+      auto job = std::make_shared<detail::Job>();
+      std::vector<detail::Chunk> chunks;
+      chunks.reserve(n / chunksize + 1);
+      auto it = std::ranges::begin(inputs);
+      const auto end = std::ranges::end(inputs);
+      std::uint64_t index = 0;
+      while (it != end) {
+        detail::Chunk& c = chunks.emplace_back();
+        c.job = job;
+        c.first = index;
+        detail::begin_chunk(c, detail::Invoker<Fn, Item, Star>::id);
+        detail::encode_function(c.request, static_cast<const Fn&>(f));
+        for (; c.count < chunksize && it != end; ++it, ++c.count) {
+          detail::mark_item(c);
+          if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<R>>, Item>) {
+            encode(c.request, *it);
+          } else {
+            encode(c.request, static_cast<Item>(*it));
+          }
+        }
+        index += c.count;
+        detail::finish_chunk(c);
+      }
+      core().submit(std::move(chunks));
+      return {std::move(job), index};
+    }
+  }
+
+  template <bool Star, class F, class R>
+  auto submit_map(F&& f, R&& inputs, std::size_t chunksize) {
+    using Fn = std::decay_t<F>;
+    using Item = std::ranges::range_value_t<R>;
+    using Res = detail::stored_t<detail::call_result_t<Star, Fn, Item>>;
+    auto [job, total] = submit_chunks<Star>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    return AsyncResult<std::vector<Res>>(std::move(job), total, &detail::decode_vector<Res>);
+  }
+
+  template <bool Ordered, class F, class R>
+  auto make_imap(F&& f, R&& inputs, std::size_t chunksize) {
+    using Fn = std::decay_t<F>;
+    using V = std::views::all_t<R>;
+    using Item = std::ranges::range_value_t<R>;
+    detail::check_sendable<Fn>();
+    if (chunksize == 0) throw InvalidArgument("imap: chunksize must be at least 1");
+    const std::size_t window = static_cast<std::size_t>(processes()) * 4;
+    return ImapRange<V, Fn, Item, false, Ordered>(core(), std::views::all(std::forward<R>(inputs)), Fn(f),
+                                                   chunksize, window);
+  }
+
+  std::unique_ptr<detail::PoolCore> core_;
+};
+
+}  // namespace multiproc

@@ -1,0 +1,60 @@
+// A framed byte channel between two processes over a stream socket.
+//
+// A frame is a 24-byte header (magic, tag, id, payload length) and the payload. Everything read
+// from the peer is validated before use: the magic, the tag, and the length against a bound, so a
+// corrupt or hostile peer gets a ProtocolError, never an out-of-bounds read or an allocation as
+// large as a length field says.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "multiproc/codec.hpp"
+#include "platform.hpp"
+
+namespace multiproc::detail {
+
+enum class FrameTag : std::uint16_t {
+  task = 1,         // parent -> worker: a chunk of items to run
+  result = 2,       // worker -> parent: one outcome per item of the chunk
+  fault = 3,        // worker -> parent: the chunk could not run at all (unknown task id, ...)
+  init_failed = 4,  // worker -> parent: the initializer threw; payload is the exception
+};
+inline constexpr std::uint16_t kMaxFrameTag = 4;
+
+struct FrameHeader {
+  std::uint32_t magic;
+  std::uint16_t tag;
+  std::uint16_t reserved;
+  std::uint64_t id;
+  std::uint64_t length;
+};
+static_assert(sizeof(FrameHeader) == 24);
+inline constexpr std::uint32_t kFrameMagic = 0x3146504D;  // "MPF1"
+
+class Channel {
+ public:
+  Channel() = default;
+  Channel(sys::UniqueFd fd, std::size_t max_payload) : fd_(std::move(fd)), max_payload_(max_payload) {}
+
+  /// Clears `w` and leaves room for the header at its front; encode the payload after this.
+  static void begin_frame(Writer& w) {
+    w.clear();
+    w.grow(sizeof(FrameHeader));
+  }
+  /// Fills in the header of a frame built after begin_frame() and sends it whole.
+  void send(FrameTag tag, std::uint64_t id, Writer& frame) const;
+  /// Reads one frame; the payload replaces the contents of `payload`. False on a clean EOF
+  /// before a frame starts. Throws ProtocolError on a bad frame or EOF inside one.
+  bool recv(FrameHeader& header, Writer& payload) const;
+
+  [[nodiscard]] int fd() const noexcept { return fd_.get(); }
+  [[nodiscard]] sys::UniqueFd& handle() noexcept { return fd_; }
+  [[nodiscard]] std::size_t max_payload() const noexcept { return max_payload_; }
+
+ private:
+  sys::UniqueFd fd_;
+  std::size_t max_payload_ = 0;
+};
+
+}  // namespace multiproc::detail

@@ -1,0 +1,682 @@
+// Pool's compiled half: worker processes, the supervisor thread, and the fault handling that makes
+// a crash fail one task and nothing else.
+//
+// Threads and ownership. One supervisor thread per pool owns the workers: it forks them (so that
+// PR_SET_PDEATHSIG is tied to a thread that lives as long as the pool), sends each idle worker the
+// next chunk, reads results, and watches every worker's pidfd. User threads only touch the queue
+// (under `mutex`) and wake the supervisor through an eventfd. A worker holds at most one chunk, so
+// the parent only writes to a worker that is waiting to read, and a worker only writes while the
+// parent is ready to read: the socket buffers never need the two sides to agree on timing.
+#include "multiproc/pool.hpp"
+
+#include <poll.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <deque>
+#include <future>
+#include <string>
+#include <thread>
+
+#include "channel.hpp"
+#include "multiproc/cpu.hpp"
+#include "platform.hpp"
+
+namespace multiproc {
+
+namespace detail {
+
+// ---- Job -------------------------------------------------------------------------------------
+
+void Job::deliver(Piece piece) {
+  {
+    std::lock_guard lock(mutex_);
+    items_done_ += piece.count;
+    const auto first = piece.first;
+    pieces_.emplace(first, std::move(piece));
+  }
+  cv_.notify_all();
+}
+
+Piece Job::take_at(std::uint64_t first) {
+  std::unique_lock lock(mutex_);
+  cv_.wait(lock, [&] { return pieces_.contains(first); });
+  auto node = pieces_.extract(first);
+  return std::move(node.mapped());
+}
+
+Piece Job::take_any() {
+  std::unique_lock lock(mutex_);
+  cv_.wait(lock, [&] { return !pieces_.empty(); });
+  auto node = pieces_.extract(pieces_.begin());
+  return std::move(node.mapped());
+}
+
+bool Job::wait_done(std::uint64_t total, std::optional<std::chrono::steady_clock::time_point> deadline) {
+  std::unique_lock lock(mutex_);
+  auto pred = [&] { return items_done_ >= total; };
+  if (!deadline) {
+    cv_.wait(lock, pred);
+    return true;
+  }
+  return cv_.wait_until(lock, *deadline, pred);
+}
+
+bool Job::done(std::uint64_t total) {
+  std::lock_guard lock(mutex_);
+  return items_done_ >= total;
+}
+
+std::vector<Piece> Job::take_all() {
+  std::lock_guard lock(mutex_);
+  std::vector<Piece> out;
+  out.reserve(pieces_.size());
+  for (auto& [first, piece] : pieces_) out.push_back(std::move(piece));
+  pieces_.clear();
+  return out;
+}
+
+// ---- chunks ----------------------------------------------------------------------------------
+
+namespace {
+constexpr std::size_t kIdOffset = sizeof(FrameHeader);
+constexpr std::size_t kCountOffset = kIdOffset + sizeof(std::uint64_t);
+constexpr std::size_t kRequestPrefix = kCountOffset + sizeof(std::uint32_t);
+}  // namespace
+
+void begin_chunk(Chunk& c, std::uint64_t invoker_id) {
+  Channel::begin_frame(c.request);
+  c.request.write_value(invoker_id);
+  c.request.write_value(std::uint32_t{0});
+  c.item_offsets.clear();
+  c.count = 0;
+}
+
+void finish_chunk(Chunk& c) {
+  std::memcpy(c.request.data() + kCountOffset, &c.count, sizeof c.count);
+  c.items_end = c.request.size();
+}
+
+namespace {
+
+// Items [from, to) of `c` as a chunk of their own.
+Chunk sub_chunk(const Chunk& c, std::uint32_t from, std::uint32_t to) {
+  Chunk out;
+  out.job = c.job;
+  out.first = c.first + from;
+  const std::byte* base = c.request.data();
+  const std::size_t callable_end = c.item_offsets.empty() ? c.items_end : c.item_offsets[0];
+  out.request.write_bytes(base, callable_end);  // header room, id, count, callable
+  for (std::uint32_t i = from; i < to; ++i) {
+    const std::size_t begin = c.item_offsets[i];
+    const std::size_t end = i + 1 < c.count ? c.item_offsets[i + 1] : c.items_end;
+    out.item_offsets.push_back(out.request.size());
+    out.request.write_bytes(base + begin, end - begin);
+  }
+  out.count = to - from;
+  finish_chunk(out);
+  return out;
+}
+
+// One outcome, repeated for `count` items.
+Piece repeated_outcome(std::uint64_t first, std::uint32_t count, std::span<const std::byte> outcome) {
+  Piece p;
+  p.first = first;
+  p.count = count;
+  for (std::uint32_t i = 0; i < count; ++i) p.bytes.write_bytes(outcome.data(), outcome.size());
+  return p;
+}
+
+void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message) {
+  w.write_value(static_cast<std::uint8_t>(OutcomeTag::pool_error));
+  w.write_value(static_cast<std::uint8_t>(kind));
+  encode(w, message);
+}
+
+void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index) {
+  w.write_value(static_cast<std::uint8_t>(OutcomeTag::crashed));
+  const std::int32_t code = status.exited() ? CLD_EXITED : (status.core_dumped() ? CLD_DUMPED : CLD_KILLED);
+  const std::int32_t value = status.exited() ? status.code() : status.signal();
+  w.write_value(code);
+  w.write_value(value);
+  w.write_value(static_cast<std::int32_t>(pid));
+  w.write_value(index);
+}
+
+// ---- the worker process ----------------------------------------------------------------------
+
+struct WorkerConfig {
+  const std::function<void()>* initializer;
+  std::size_t max_tasks;
+  std::size_t max_payload;
+};
+
+[[noreturn]] void worker_main(int fd, std::atomic<std::uint32_t>* progress, const WorkerConfig& config) noexcept {
+  int code = 0;
+  try {
+    Channel channel(sys::UniqueFd(fd), config.max_payload);
+    Writer in;
+    Writer out;
+    if (*config.initializer) {
+      try {
+        (*config.initializer)();
+      } catch (...) {
+        Channel::begin_frame(out);
+        encode_current_exception(out);
+        channel.send(FrameTag::init_failed, 0, out);
+        sys::detail_fork::child_exit(3);
+      }
+    }
+    const TaskContext ctx{progress};
+    std::size_t done = 0;
+    FrameHeader h{};
+    while (channel.recv(h, in)) {
+      if (h.tag != static_cast<std::uint16_t>(FrameTag::task)) throw ProtocolError("worker got a frame that is not a task");
+      Reader r(in.bytes());
+      Channel::begin_frame(out);
+      try {
+        const auto id = r.read_value<std::uint64_t>();
+        const auto count = r.read_value<std::uint32_t>();
+        const InvokeFn invoke = find_invoker(id);
+        if (!invoke) {
+          char hex[32];
+          std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
+          throw ProtocolError(std::string("unknown task id ") + hex + ": this worker has no such task");
+        }
+        invoke(r, count, out, ctx);
+        if (r.remaining() != 0) throw ProtocolError("task request has trailing bytes");
+        channel.send(FrameTag::result, h.id, out);
+      } catch (...) {
+        Channel::begin_frame(out);
+        encode_current_exception(out);
+        channel.send(FrameTag::fault, h.id, out);
+      }
+      if (config.max_tasks && ++done >= config.max_tasks) break;
+    }
+  } catch (const std::exception& e) {
+    // The parent is gone or spoke garbage: nothing to report to, just leave.
+    code = 2;
+  }
+  sys::detail_fork::child_exit(code);
+}
+
+}  // namespace
+
+// ---- the parent side -------------------------------------------------------------------------
+
+struct PoolCore::Impl {
+  struct Worker {
+    pid_t pid = 0;
+    sys::UniqueFd pidfd;
+    Channel channel;
+    sys::SharedMapping progress_page;
+    std::optional<Chunk> current;
+    std::uint64_t seq = 0;
+    bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
+    bool did_work = false;
+
+    std::atomic<std::uint32_t>* progress() const {
+      return static_cast<std::atomic<std::uint32_t>*>(progress_page.data());
+    }
+  };
+
+  // Immutable after construction.
+  int processes = 0;
+  std::function<void()> initializer;
+  std::size_t max_tasks = 0;
+  std::size_t max_payload = 0;
+  sys::UniqueFd wakeup;
+
+  // Shared with user threads, under `mutex`.
+  mutable std::mutex mutex;
+  std::deque<Chunk> queue;
+  bool closing = false;
+  bool terminating = false;
+  std::optional<std::string> broken;  // why no task can run (the initializer failed, ...)
+  std::vector<pid_t> pids;
+
+  // The supervisor's own.
+  std::thread supervisor;
+  std::vector<Worker> workers;
+  std::uint64_t next_seq = 1;
+  int startup_deaths = 0;  // workers that died without ever finishing a task, in a row
+  Writer scratch;
+
+  explicit Impl(const PoolOptions& o) {
+    if (o.processes && *o.processes < 1) {
+      throw InvalidArgument("Pool: processes must be at least 1, got " + std::to_string(*o.processes));
+    }
+    if (o.max_message_bytes < 64) throw InvalidArgument("Pool: max_message_bytes must be at least 64");
+    processes = o.processes.value_or(cpu_count());
+    initializer = o.initializer;
+    max_tasks = o.max_tasks_per_child;
+    max_payload = o.max_message_bytes;
+    wakeup = sys::event_fd();
+    std::promise<void> started;
+    auto ready = started.get_future();
+    supervisor = std::thread([this, &started] { run(started); });
+    try {
+      ready.get();
+    } catch (...) {
+      supervisor.join();
+      throw;
+    }
+  }
+
+  void wake() { sys::event_signal(wakeup.get()); }
+
+  // ---- user side ----
+  void submit(std::vector<Chunk>& chunks) {
+    std::unique_lock lock(mutex);
+    if (closing || terminating) throw PoolClosed("Pool: cannot submit work after close() or terminate()");
+    if (broken) {
+      const std::string why = *broken;
+      lock.unlock();
+      for (auto& c : chunks) fail_chunk(c, PoolErrorKind::initializer, why);
+      return;
+    }
+    for (auto& c : chunks) {
+      if (c.request.size() - sizeof(FrameHeader) > max_payload) {
+        // Too large to send: fail it now rather than at the worker.
+        lock.unlock();
+        fail_chunk(c, PoolErrorKind::protocol,
+                   "task request of " + std::to_string(c.request.size()) + " bytes exceeds max_message_bytes (" +
+                       std::to_string(max_payload) + ")");
+        lock.lock();
+        continue;
+      }
+      queue.push_back(std::move(c));
+    }
+    lock.unlock();
+    wake();
+  }
+
+  static void fail_chunk(const Chunk& c, PoolErrorKind kind, const std::string& why) {
+    if (c.job->abandoned()) return;
+    Writer one;
+    write_pool_error(one, kind, why);
+    c.job->deliver(repeated_outcome(c.first, c.count, one.bytes()));
+  }
+
+  // ---- supervisor ----
+  void run(std::promise<void>& started) {
+    sys::block_all_signals_in_this_thread();
+    try {
+      workers.resize(static_cast<std::size_t>(processes));
+      for (auto& w : workers) spawn(w);
+      started.set_value();
+    } catch (...) {
+      kill_all();
+      reap_all();
+      started.set_exception(std::current_exception());
+      return;
+    }
+    try {
+      loop();
+    } catch (const std::exception& e) {
+      // A failure of the supervisor itself (poll failing, out of memory): no task may hang, so
+      // everything still outstanding fails.
+      report_error(e.what());
+      {
+        std::lock_guard lock(mutex);
+        broken = std::string("pool supervisor failed: ") + e.what();
+        terminating = true;
+      }
+    }
+    kill_all();
+    reap_all();
+    cancel_everything("the pool was terminated before the task finished");
+  }
+
+  void spawn(Worker& w) {
+    auto [parent_end, child_end] = sys::socket_pair();
+    sys::SharedMapping page(4096);
+    auto* progress = static_cast<std::atomic<std::uint32_t>*>(page.data());
+    const int keep[] = {child_end.get()};
+    const WorkerConfig config{&initializer, max_tasks, max_payload};
+    sys::ForkOptions fo;
+    fo.keep_fds = keep;
+    fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
+    const pid_t pid = sys::fork_process(fo, [&] { worker_main(child_end.release(), progress, config); });
+    w = Worker{};
+    w.pid = pid;
+    w.pidfd = sys::pidfd_open(pid);
+    w.channel = Channel(std::move(parent_end), max_payload);
+    w.progress_page = std::move(page);
+    std::lock_guard lock(mutex);
+    pids.push_back(pid);
+  }
+
+  void loop() {
+    std::vector<pollfd> fds;
+    for (;;) {
+      bool closing_now;
+      {
+        std::lock_guard lock(mutex);
+        if (terminating) return;
+        closing_now = closing;
+      }
+      dispatch();
+      if (closing_now && idle_and_drained()) {
+        shut_down_gracefully();
+        return;
+      }
+      // A worker with no pidfd (sandboxed kernel) is polled for with a timeout instead.
+      bool need_timeout = false;
+      fds.clear();
+      fds.push_back({wakeup.get(), POLLIN, 0});
+      for (auto& w : workers) {
+        if (w.pid == 0) continue;
+        fds.push_back({w.channel_open ? w.channel.fd() : -1, POLLIN, 0});
+        fds.push_back({w.pidfd.get(), POLLIN, 0});
+        if (!w.pidfd) need_timeout = true;
+      }
+      sys::poll_fds(fds.data(), fds.size(), std::chrono::milliseconds(need_timeout ? 10 : -1));
+      if (fds[0].revents) sys::event_drain(wakeup.get());
+      std::size_t k = 1;
+      for (auto& w : workers) {
+        if (w.pid == 0) continue;
+        const short chan = fds[k++].revents;
+        const short died = fds[k++].revents;
+        if (chan && w.channel_open) read_from(w);
+        if (died || !w.pidfd) check_exit(w);
+      }
+      // Replace workers that are gone, unless the pool is winding down with nothing left to do.
+      for (auto& w : workers) {
+        if (w.pid == 0 && should_respawn()) {
+          try {
+            spawn(w);
+          } catch (const std::exception& e) {
+            if (live_workers() == 0) fail_queue(PoolErrorKind::system, std::string("cannot start a worker: ") + e.what());
+          }
+        }
+      }
+    }
+  }
+
+  bool should_respawn() {
+    std::lock_guard lock(mutex);
+    if (terminating || broken) return false;
+    return !closing || !queue.empty();
+  }
+
+  int live_workers() const {
+    return static_cast<int>(std::count_if(workers.begin(), workers.end(), [](const Worker& w) { return w.pid != 0; }));
+  }
+
+  bool idle_and_drained() {
+    std::lock_guard lock(mutex);
+    if (!queue.empty()) return false;
+    return std::none_of(workers.begin(), workers.end(), [](const Worker& w) { return w.current.has_value(); });
+  }
+
+  void dispatch() {
+    for (auto& w : workers) {
+      if (w.pid == 0 || w.current || !w.channel_open) continue;
+      std::optional<Chunk> next;
+      {
+        std::lock_guard lock(mutex);
+        while (!queue.empty() && !next) {
+          if (!queue.front().job->abandoned()) next.emplace(std::move(queue.front()));
+          queue.pop_front();
+        }
+      }
+      if (!next) return;
+      w.seq = next_seq++;
+      w.progress()->store(0, std::memory_order_relaxed);
+      w.current = std::move(next);
+      try {
+        w.channel.send(FrameTag::task, w.seq, w.current->request);
+      } catch (const std::exception&) {
+        // The worker is gone (EPIPE) or unreachable: its pidfd tells the rest, and the chunk is
+        // handled as the crash it is.
+        w.channel_open = false;
+        sys::send_signal(w.pid, SIGKILL, true);
+      }
+    }
+  }
+
+  void read_from(Worker& w) {
+    FrameHeader h{};
+    Writer payload;
+    try {
+      if (!w.channel.recv(h, payload)) {
+        w.channel_open = false;  // EOF: the worker is exiting; its pidfd says how
+        return;
+      }
+      if (!w.current || h.id != w.seq) throw ProtocolError("a worker answered a task it was not given");
+      const auto tag = static_cast<FrameTag>(h.tag);
+      Chunk chunk = std::move(*w.current);
+      w.current.reset();
+      if (tag == FrameTag::result) {
+        w.did_work = true;
+        startup_deaths = 0;
+        if (!chunk.job->abandoned()) {
+          Piece p;
+          p.first = chunk.first;
+          p.count = chunk.count;
+          p.bytes = std::move(payload);
+          chunk.job->deliver(std::move(p));
+        }
+      } else if (tag == FrameTag::fault) {
+        w.did_work = true;
+        if (!chunk.job->abandoned()) chunk.job->deliver(repeated_outcome(chunk.first, chunk.count, payload.bytes()));
+      } else {
+        throw ProtocolError("unexpected frame from a worker");
+      }
+    } catch (const std::exception& e) {
+      if (h.tag == static_cast<std::uint16_t>(FrameTag::init_failed) && h.magic == kFrameMagic) {
+        initializer_failed(payload);
+        return;
+      }
+      // A worker that breaks the protocol cannot be trusted with more work: kill it; its chunk
+      // is then handled as a crash.
+      report_error((std::string("worker ") + std::to_string(w.pid) + ": " + e.what()).c_str());
+      w.channel_open = false;
+      sys::send_signal(w.pid, SIGKILL, true);
+    }
+  }
+
+  void initializer_failed(Writer& payload) {
+    std::string why = "the pool's initializer failed";
+    try {
+      Reader r(payload.bytes());
+      const OutcomeTag tag = read_outcome_tag(r);
+      throw_outcome_error(tag, r);
+    } catch (const std::exception& e) {
+      why += ": ";
+      why += e.what();
+    }
+    {
+      std::lock_guard lock(mutex);
+      broken = why;
+    }
+    fail_queue(PoolErrorKind::initializer, why);
+  }
+
+  void fail_queue(PoolErrorKind kind, const std::string& why) {
+    std::deque<Chunk> doomed;
+    {
+      std::lock_guard lock(mutex);
+      doomed.swap(queue);
+    }
+    for (auto& c : doomed) fail_chunk(c, kind, why);
+  }
+
+  void check_exit(Worker& w) {
+    std::optional<siginfo_t> info;
+    try {
+      info = sys::wait_child(w.pid, w.pidfd.get(), true);
+    } catch (const SystemError&) {
+      // ECHILD: reaped behind our back (SIGCHLD set to SIG_IGN by the application).
+      siginfo_t unknown{};
+      unknown.si_code = CLD_KILLED;
+      unknown.si_status = SIGKILL;
+      info = unknown;
+    }
+    if (!info) return;
+    // Results written just before the exit are still in the socket: take them first.
+    while (w.channel_open) {
+      pollfd p{w.channel.fd(), POLLIN, 0};
+      if (sys::poll_fds(&p, 1, std::chrono::milliseconds(0)) == 0) break;
+      read_from(w);
+    }
+    const ExitStatus status = ExitStatus::from_siginfo(info->si_code, info->si_status);
+    if (w.current) {
+      worker_crashed(w, status);
+    } else if (!w.did_work && !status.success()) {
+      // Dying before any task, again and again (a crashing initializer): stop, don't loop.
+      if (++startup_deaths >= 3 * processes) {
+        const std::string why = "workers die before running any task: " + status.to_string();
+        {
+          std::lock_guard lock(mutex);
+          broken = why;
+        }
+        fail_queue(PoolErrorKind::initializer, why);
+      }
+    }
+    {
+      std::lock_guard lock(mutex);
+      std::erase(pids, w.pid);
+    }
+    w = Worker{};
+  }
+
+  void worker_crashed(Worker& w, ExitStatus status) {
+    Chunk chunk = std::move(*w.current);
+    w.current.reset();
+    if (chunk.job->abandoned()) return;
+    std::uint32_t at = w.progress()->load(std::memory_order_relaxed);
+    if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
+    Writer one;
+    write_crashed(one, status, w.pid, chunk.first + at);
+    chunk.job->deliver(repeated_outcome(chunk.first + at, 1, one.bytes()));
+    // The other items of the chunk go back to the front of the queue: the ones before the crash
+    // (their results died with the worker) and the ones after it.
+    std::lock_guard lock(mutex);
+    if (at + 1 < chunk.count) queue.push_front(sub_chunk(chunk, at + 1, chunk.count));
+    if (at > 0) queue.push_front(sub_chunk(chunk, 0, at));
+  }
+
+  void shut_down_gracefully() {
+    // EOF on its channel tells each worker to exit.
+    for (auto& w : workers) {
+      if (w.pid) w.channel.handle().reset();
+    }
+    for (auto& w : workers) {
+      if (!w.pid) continue;
+      try {
+        sys::wait_child(w.pid, w.pidfd.get(), false);
+      } catch (const SystemError&) {
+      }
+      w = Worker{};
+    }
+    std::lock_guard lock(mutex);
+    pids.clear();
+  }
+
+  void kill_all() noexcept {
+    for (auto& w : workers) {
+      if (!w.pid) continue;
+      try {
+        sys::send_signal(w.pid, SIGKILL, true);
+      } catch (...) {
+      }
+    }
+  }
+
+  void reap_all() noexcept {
+    for (auto& w : workers) {
+      if (!w.pid) continue;
+      try {
+        sys::wait_child(w.pid, w.pidfd.get(), false);
+      } catch (...) {
+      }
+      if (w.current) fail_chunk(*w.current, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
+      w = Worker{};
+    }
+    std::lock_guard lock(mutex);
+    pids.clear();
+  }
+
+  void cancel_everything(const std::string& why) noexcept {
+    try {
+      fail_queue(PoolErrorKind::cancelled, why);
+    } catch (...) {
+    }
+  }
+};
+
+PoolCore::PoolCore(const PoolOptions& options) : impl_(std::make_unique<Impl>(options)) {}
+
+PoolCore::~PoolCore() { terminate(); }
+
+void PoolCore::submit(std::vector<Chunk> chunks) { impl_->submit(chunks); }
+
+void PoolCore::submit(Chunk chunk) {
+  std::vector<Chunk> one;
+  one.push_back(std::move(chunk));
+  impl_->submit(one);
+}
+
+void PoolCore::close() {
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->closing = true;
+  }
+  impl_->wake();
+}
+
+void PoolCore::terminate() noexcept {
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->terminating = true;
+  }
+  try {
+    impl_->wake();
+  } catch (...) {
+  }
+  if (impl_->supervisor.joinable() && impl_->supervisor.get_id() != std::this_thread::get_id()) {
+    impl_->supervisor.join();
+  }
+}
+
+void PoolCore::join() {
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (!impl_->closing && !impl_->terminating) throw StateError("Pool::join() needs close() or terminate() first");
+  }
+  if (impl_->supervisor.joinable()) impl_->supervisor.join();
+}
+
+int PoolCore::processes() const noexcept { return impl_->processes; }
+
+std::vector<pid_t> PoolCore::worker_pids() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->pids;
+}
+
+}  // namespace detail
+
+// ---- Pool ------------------------------------------------------------------------------------
+
+Pool::Pool(PoolOptions options) : core_(std::make_unique<detail::PoolCore>(options)) {}
+Pool::~Pool() = default;
+Pool::Pool(Pool&&) noexcept = default;
+Pool& Pool::operator=(Pool&&) noexcept = default;
+
+detail::PoolCore& Pool::core() const {
+  if (!core_) throw StateError("Pool: used after being moved from");
+  return *core_;
+}
+
+void Pool::close() { core().close(); }
+void Pool::terminate() noexcept {
+  if (core_) core_->terminate();
+}
+void Pool::join() { core().join(); }
+int Pool::processes() const noexcept { return core_ ? core_->processes() : 0; }
+std::vector<pid_t> Pool::worker_pids() const { return core().worker_pids(); }
+
+}  // namespace multiproc
