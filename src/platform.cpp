@@ -246,7 +246,10 @@ void write_all(int fd, std::span<const std::byte> data) {
 bool read_exact(int fd, std::span<std::byte> data) {
   std::size_t got = 0;
   while (got < data.size()) {
-    const ssize_t n = checked("recv", [&] { return ::recv(fd, data.data() + got, data.size() - got, 0); });
+    ssize_t n = checked_noexcept("recv", [&] { return ::recv(fd, data.data() + got, data.size() - got, 0); });
+    // A peer that dies with data of ours unread resets the connection: for us, that is its EOF.
+    if (n == -ECONNRESET) n = 0;
+    if (n < 0) throw SystemError(static_cast<int>(-n), "recv");
     if (n == 0) {
       if (got == 0) return false;
       throw ProtocolError("peer closed the channel in the middle of a frame");

@@ -144,8 +144,8 @@ std::pair<UniqueFd, UniqueFd> socket_pair();
 /// Writes all of `data` (retrying short writes and EINTR). Throws SystemError (EPIPE when the
 /// peer is gone; SIGPIPE is never raised).
 void write_all(int fd, std::span<const std::byte> data);
-/// Reads exactly `data.size()` bytes. Returns false on EOF before the first byte; throws
-/// ProtocolError on EOF in the middle.
+/// Reads exactly `data.size()` bytes. Returns false on EOF (or a connection reset by a peer that
+/// died) before the first byte; throws ProtocolError on EOF in the middle.
 bool read_exact(int fd, std::span<std::byte> data);
 
 /// An eventfd (close-on-exec) for waking a thread that sleeps in poll(2).

@@ -4,9 +4,14 @@
 // Threads and ownership. One supervisor thread per pool owns the workers: it forks them (so that
 // PR_SET_PDEATHSIG is tied to a thread that lives as long as the pool), sends each idle worker the
 // next chunk, reads results, and watches every worker's pidfd. User threads only touch the queue
-// (under `mutex`) and wake the supervisor through an eventfd. A worker holds at most one chunk, so
-// the parent only writes to a worker that is waiting to read, and a worker only writes while the
-// parent is ready to read: the socket buffers never need the two sides to agree on timing.
+// (under `mutex`) and wake the supervisor through an eventfd.
+//
+// Pipelining without deadlock. A worker whose chunks finish quickly is sent up to kMaxDepth chunks
+// ahead, so it never waits for a round trip through the parent; but only while the requests in
+// flight to it fit in kPipelineBytes, far below the socket's buffer. So the supervisor's write to a
+// worker either fits in the buffer or goes to a worker with nothing else to do, which is reading:
+// it never blocks on a worker that is itself blocked writing results the supervisor is not reading.
+// Slow chunks get no pipelining, so a free worker always takes the next one (load balancing).
 #include "multiproc/pool.hpp"
 
 #include <poll.h>
@@ -152,7 +157,7 @@ struct WorkerConfig {
   std::size_t max_payload;
 };
 
-[[noreturn]] void worker_main(int fd, std::atomic<std::uint32_t>* progress, const WorkerConfig& config) noexcept {
+[[noreturn]] void worker_main(int fd, Progress* progress, const WorkerConfig& config) noexcept {
   int code = 0;
   try {
     Channel channel(sys::UniqueFd(fd), config.max_payload);
@@ -175,6 +180,8 @@ struct WorkerConfig {
       if (h.tag != static_cast<std::uint16_t>(FrameTag::task)) throw ProtocolError("worker got a frame that is not a task");
       Reader r(in.bytes());
       Channel::begin_frame(out);
+      progress->item.store(0, std::memory_order_relaxed);
+      progress->chunk.store(h.id, std::memory_order_relaxed);
       try {
         const auto id = r.read_value<std::uint64_t>();
         const auto count = r.read_value<std::uint32_t>();
@@ -205,20 +212,29 @@ struct WorkerConfig {
 
 // ---- the parent side -------------------------------------------------------------------------
 
+constexpr std::size_t kMaxDepth = 4;
+constexpr std::size_t kPipelineBytes = 32 * 1024;
+constexpr auto kShortChunk = std::chrono::microseconds(500);
+
 struct PoolCore::Impl {
+  struct InFlight {
+    Chunk chunk;
+    std::uint64_t seq;
+  };
   struct Worker {
     pid_t pid = 0;
     sys::UniqueFd pidfd;
     Channel channel;
     sys::SharedMapping progress_page;
-    std::optional<Chunk> current;
-    std::uint64_t seq = 0;
+    std::deque<InFlight> inflight;  // sent, in order; the worker runs them in this order
+    std::size_t inflight_bytes = 0;
+    std::chrono::steady_clock::time_point last_result{};
+    bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
     bool did_work = false;
 
-    std::atomic<std::uint32_t>* progress() const {
-      return static_cast<std::atomic<std::uint32_t>*>(progress_page.data());
-    }
+    Progress* progress() const { return static_cast<Progress*>(progress_page.data()); }
+    std::size_t depth() const { return quick ? kMaxDepth : 1; }
   };
 
   // Immutable after construction.
@@ -332,7 +348,7 @@ struct PoolCore::Impl {
   void spawn(Worker& w) {
     auto [parent_end, child_end] = sys::socket_pair();
     sys::SharedMapping page(4096);
-    auto* progress = static_cast<std::atomic<std::uint32_t>*>(page.data());
+    auto* progress = new (page.data()) Progress;
     const int keep[] = {child_end.get()};
     const WorkerConfig config{&initializer, max_tasks, max_payload};
     sys::ForkOptions fo;
@@ -408,32 +424,46 @@ struct PoolCore::Impl {
   bool idle_and_drained() {
     std::lock_guard lock(mutex);
     if (!queue.empty()) return false;
-    return std::none_of(workers.begin(), workers.end(), [](const Worker& w) { return w.current.has_value(); });
+    return std::all_of(workers.begin(), workers.end(), [](const Worker& w) { return w.inflight.empty(); });
   }
 
+  // Fills the workers round by round: every free worker gets a chunk before any gets a second.
   void dispatch() {
-    for (auto& w : workers) {
-      if (w.pid == 0 || w.current || !w.channel_open) continue;
-      std::optional<Chunk> next;
-      {
-        std::lock_guard lock(mutex);
-        while (!queue.empty() && !next) {
-          if (!queue.front().job->abandoned()) next.emplace(std::move(queue.front()));
+    for (std::size_t round = 1; round <= kMaxDepth; ++round) {
+      bool queue_empty = false;
+      for (auto& w : workers) {
+        if (w.pid == 0 || !w.channel_open || w.inflight.size() >= round || w.depth() < round) continue;
+        std::optional<Chunk> next;
+        {
+          std::lock_guard lock(mutex);
+          while (!queue.empty() && queue.front().job->abandoned()) queue.pop_front();
+          if (queue.empty()) {
+            queue_empty = true;
+            break;
+          }
+          const std::size_t bytes = queue.front().request.size();
+          if (!w.inflight.empty() && w.inflight_bytes + bytes > kPipelineBytes) continue;
+          next.emplace(std::move(queue.front()));
           queue.pop_front();
         }
+        send_chunk(w, std::move(*next));
       }
-      if (!next) return;
-      w.seq = next_seq++;
-      w.progress()->store(0, std::memory_order_relaxed);
-      w.current = std::move(next);
-      try {
-        w.channel.send(FrameTag::task, w.seq, w.current->request);
-      } catch (const std::exception&) {
-        // The worker is gone (EPIPE) or unreachable: its pidfd tells the rest, and the chunk is
-        // handled as the crash it is.
-        w.channel_open = false;
-        sys::send_signal(w.pid, SIGKILL, true);
-      }
+      if (queue_empty) return;
+    }
+  }
+
+  void send_chunk(Worker& w, Chunk chunk) {
+    const std::uint64_t seq = next_seq++;
+    if (w.inflight.empty()) w.last_result = std::chrono::steady_clock::now();
+    w.inflight_bytes += chunk.request.size();
+    w.inflight.push_back(InFlight{std::move(chunk), seq});
+    try {
+      w.channel.send(FrameTag::task, seq, w.inflight.back().chunk.request);
+    } catch (const std::exception&) {
+      // The worker is gone (EPIPE) or unreachable: its pidfd tells the rest, and its chunks are
+      // handled as the crash it is.
+      w.channel_open = false;
+      sys::send_signal(w.pid, SIGKILL, true);
     }
   }
 
@@ -445,10 +475,20 @@ struct PoolCore::Impl {
         w.channel_open = false;  // EOF: the worker is exiting; its pidfd says how
         return;
       }
-      if (!w.current || h.id != w.seq) throw ProtocolError("a worker answered a task it was not given");
+      if (h.tag == static_cast<std::uint16_t>(FrameTag::init_failed)) {
+        initializer_failed(payload);
+        return;
+      }
+      if (w.inflight.empty() || h.id != w.inflight.front().seq) {
+        throw ProtocolError("a worker answered a task it was not given");
+      }
       const auto tag = static_cast<FrameTag>(h.tag);
-      Chunk chunk = std::move(*w.current);
-      w.current.reset();
+      Chunk chunk = std::move(w.inflight.front().chunk);
+      w.inflight.pop_front();
+      w.inflight_bytes -= chunk.request.size();
+      const auto now = std::chrono::steady_clock::now();
+      w.quick = now - w.last_result < kShortChunk;
+      w.last_result = now;
       if (tag == FrameTag::result) {
         w.did_work = true;
         startup_deaths = 0;
@@ -466,10 +506,6 @@ struct PoolCore::Impl {
         throw ProtocolError("unexpected frame from a worker");
       }
     } catch (const std::exception& e) {
-      if (h.tag == static_cast<std::uint16_t>(FrameTag::init_failed) && h.magic == kFrameMagic) {
-        initializer_failed(payload);
-        return;
-      }
       // A worker that breaks the protocol cannot be trusted with more work: kill it; its chunk
       // is then handled as a crash.
       report_error((std::string("worker ") + std::to_string(w.pid) + ": " + e.what()).c_str());
@@ -523,7 +559,7 @@ struct PoolCore::Impl {
       read_from(w);
     }
     const ExitStatus status = ExitStatus::from_siginfo(info->si_code, info->si_status);
-    if (w.current) {
+    if (!w.inflight.empty()) {
       worker_crashed(w, status);
     } else if (!w.did_work && !status.success()) {
       // Dying before any task, again and again (a crashing initializer): stop, don't loop.
@@ -543,20 +579,32 @@ struct PoolCore::Impl {
     w = Worker{};
   }
 
+  // The chunk the worker had started loses the item it was running, which fails with
+  // WorkerCrashed; its other items and the chunks it had not started go back to the front of the
+  // queue, in order. (Items of that chunk that ran before the crash run again: their results
+  // died with the worker.)
   void worker_crashed(Worker& w, ExitStatus status) {
-    Chunk chunk = std::move(*w.current);
-    w.current.reset();
-    if (chunk.job->abandoned()) return;
-    std::uint32_t at = w.progress()->load(std::memory_order_relaxed);
-    if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
-    Writer one;
-    write_crashed(one, status, w.pid, chunk.first + at);
-    chunk.job->deliver(repeated_outcome(chunk.first + at, 1, one.bytes()));
-    // The other items of the chunk go back to the front of the queue: the ones before the crash
-    // (their results died with the worker) and the ones after it.
+    const std::uint64_t running = w.progress()->chunk.load(std::memory_order_relaxed);
+    std::uint32_t at = w.progress()->item.load(std::memory_order_relaxed);
+    std::vector<Chunk> requeue;
+    for (auto& f : w.inflight) {
+      Chunk& chunk = f.chunk;
+      if (chunk.job->abandoned()) continue;
+      if (f.seq != running) {
+        requeue.push_back(std::move(chunk));
+        continue;
+      }
+      if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
+      Writer one;
+      write_crashed(one, status, w.pid, chunk.first + at);
+      chunk.job->deliver(repeated_outcome(chunk.first + at, 1, one.bytes()));
+      if (at > 0) requeue.push_back(sub_chunk(chunk, 0, at));
+      if (at + 1 < chunk.count) requeue.push_back(sub_chunk(chunk, at + 1, chunk.count));
+    }
+    w.inflight.clear();
+    w.inflight_bytes = 0;
     std::lock_guard lock(mutex);
-    if (at + 1 < chunk.count) queue.push_front(sub_chunk(chunk, at + 1, chunk.count));
-    if (at > 0) queue.push_front(sub_chunk(chunk, 0, at));
+    for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) queue.push_front(std::move(*it));
   }
 
   void shut_down_gracefully() {
@@ -593,7 +641,7 @@ struct PoolCore::Impl {
         sys::wait_child(w.pid, w.pidfd.get(), false);
       } catch (...) {
       }
-      if (w.current) fail_chunk(*w.current, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
+      for (auto& f : w.inflight) fail_chunk(f.chunk, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
       w = Worker{};
     }
     std::lock_guard lock(mutex);

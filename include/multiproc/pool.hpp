@@ -31,6 +31,7 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -280,7 +281,11 @@ class ImapRange {
   std::default_sentinel_t end() const noexcept { return {}; }
 
  private:
+  // Tops the window up in one batch once half of it has been consumed: one submission (one wake-up
+  // of the supervisor) per window/2 chunks rather than per chunk.
   void refill() {
+    if (input_done_ || submitted_chunks_ - consumed_chunks_ > window_ / 2) return;
+    std::vector<detail::Chunk> batch;
     while (!input_done_ && submitted_chunks_ - consumed_chunks_ < window_) {
       detail::Chunk c;
       c.job = job_;
@@ -289,7 +294,11 @@ class ImapRange {
       detail::encode_function(c.request, f_);
       while (c.count < chunksize_ && *input_ != std::ranges::end(view_)) {
         detail::mark_item(c);
-        encode(c.request, static_cast<const Item&>(Item(**input_)));
+        if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<V>>, Item>) {
+          encode(c.request, **input_);
+        } else {
+          encode(c.request, static_cast<Item>(**input_));
+        }
         ++*input_;
         ++c.count;
       }
@@ -297,9 +306,10 @@ class ImapRange {
       if (c.count == 0) break;
       next_index_ += c.count;
       detail::finish_chunk(c);
-      core_.submit(std::move(c));
+      batch.push_back(std::move(c));
       ++submitted_chunks_;
     }
+    if (!batch.empty()) core_.submit(std::move(batch));
   }
 
   void advance() {
@@ -519,7 +529,7 @@ class Pool {
     using Item = std::ranges::range_value_t<R>;
     detail::check_sendable<Fn>();
     if (chunksize == 0) throw InvalidArgument("imap: chunksize must be at least 1");
-    const std::size_t window = static_cast<std::size_t>(processes()) * 4;
+    const std::size_t window = std::max<std::size_t>(static_cast<std::size_t>(processes()) * 8, 32);
     return ImapRange<V, Fn, Item, false, Ordered>(core(), std::views::all(std::forward<R>(inputs)), Fn(f),
                                                    chunksize, window);
   }

@@ -30,12 +30,17 @@
 
 namespace multiproc::detail {
 
-/// What a worker tells its parent about progress through a chunk: the item it is running. Lives
-/// in memory shared with the parent, so it survives the worker's death.
+/// Where a worker is: the chunk (its frame id) and the item in it it is running. Lives in memory
+/// shared with the parent, so the parent can read it after the worker's death.
+struct Progress {
+  std::atomic<std::uint64_t> chunk{0};
+  std::atomic<std::uint32_t> item{0};
+};
+
 struct TaskContext {
-  std::atomic<std::uint32_t>* current_item = nullptr;
+  Progress* progress = nullptr;
   void at_item(std::uint32_t i) const noexcept {
-    if (current_item) current_item->store(i, std::memory_order_relaxed);
+    if (progress) progress->item.store(i, std::memory_order_relaxed);
   }
 };
 
