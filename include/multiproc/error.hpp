@@ -140,6 +140,12 @@ class Cancelled : public detail::BasicError<std::runtime_error> {
   using BasicError::BasicError;
 };
 
+/// A wait ran out of time (AsyncResult::get with a timeout). What was waited for goes on.
+class Timeout : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
 /// The pool's initializer threw in a worker: no task can run, so every task fails with this
 /// (instead of workers being restarted forever, as in Python).
 class InitializerError : public detail::BasicError<std::runtime_error> {

@@ -24,9 +24,8 @@
 //
 // Lifetime. The destructor terminates: workers are killed and unfinished AsyncResults fail with
 // Cancelled. It never waits for tasks, so it can never hang on one; call close() and join() first
-// to let queued work finish. (Python's `with Pool()` block terminates the same way.) Results,
-// AsyncResults and imap ranges must not outlive... only imap ranges need the pool alive; an
-// AsyncResult stays valid after the pool is gone.
+// to let queued work finish. (Python's `with Pool()` block terminates the same way.) An
+// AsyncResult stays valid after its pool is gone; an imap range needs its pool alive.
 #pragma once
 
 #include <sys/types.h>
@@ -192,8 +191,14 @@ class AsyncResult {
     if (error_) std::rethrow_exception(error_);
     if constexpr (!std::is_void_v<T>) return std::move(*value_);
   }
-  /// Waits at most `timeout` and then returns the result (throwing multiproc::Timeout...) —
-  /// see wait_for for the non-throwing form.
+  /// Waits at most `timeout` for the result; throws multiproc::Timeout if it is not ready by
+  /// then (the task goes on; Python's get(timeout)).
+  template <class Rep, class Period>
+  decltype(auto) get(std::chrono::duration<Rep, Period> timeout) & {
+    if (!wait_for(timeout)) throw Timeout("AsyncResult::get: the result was not ready in time");
+    return get();
+  }
+  /// Waits for the result without fetching it.
   void wait() { job_->wait_done(total_, std::nullopt); }
   /// Waits at most `timeout`; true if the result is ready. Does not stop the task.
   template <class Rep, class Period>
