@@ -1,5 +1,6 @@
 #include "channel.hpp"
 
+#include <algorithm>
 #include <string>
 
 namespace multiproc::detail {
@@ -16,8 +17,38 @@ void Channel::send(FrameTag tag, std::uint64_t id, Writer& frame) const {
   sys::write_all(fd_.get(), frame.bytes());
 }
 
-bool Channel::recv(FrameHeader& header, Writer& payload) const {
-  if (!sys::read_exact(fd_.get(), {reinterpret_cast<std::byte*>(&header), sizeof header})) return false;
+bool Channel::fill() {
+  if (!buffer_) buffer_ = std::unique_ptr<std::byte[]>(new std::byte[kBufferSize]);
+  if (begin_ == end_) {
+    begin_ = end_ = 0;
+  } else if (end_ == kBufferSize) {
+    std::memmove(buffer_.get(), buffer_.get() + begin_, end_ - begin_);
+    end_ -= begin_;
+    begin_ = 0;
+  }
+  const std::size_t got = sys::read_some(fd_.get(), {buffer_.get() + end_, kBufferSize - end_});
+  end_ += got;
+  return got != 0;
+}
+
+bool Channel::has_buffered_frame() const noexcept {
+  if (end_ - begin_ < sizeof(FrameHeader)) return false;
+  FrameHeader h;
+  std::memcpy(&h, buffer_.get() + begin_, sizeof h);
+  // A bad header counts as a frame: recv() will report it without blocking.
+  return h.magic != kFrameMagic || h.length > max_payload_ || end_ - begin_ - sizeof h >= h.length;
+}
+
+bool Channel::recv(FrameHeader& header, Writer& payload) {
+  while (end_ - begin_ < sizeof header) {
+    const bool had = end_ != begin_;
+    if (!fill()) {
+      if (had) throw ProtocolError("peer closed the channel in the middle of a frame");
+      return false;
+    }
+  }
+  std::memcpy(&header, buffer_.get() + begin_, sizeof header);
+  begin_ += sizeof header;
   if (header.magic != kFrameMagic) throw ProtocolError("corrupt frame: bad magic");
   if (header.tag == 0 || header.tag > kMaxFrameTag) {
     throw ProtocolError("corrupt frame: unknown tag " + std::to_string(header.tag));
@@ -26,9 +57,14 @@ bool Channel::recv(FrameHeader& header, Writer& payload) const {
     throw ProtocolError("frame of " + std::to_string(header.length) + " bytes exceeds the channel's limit of " +
                         std::to_string(max_payload_) + " bytes");
   }
+  const auto length = static_cast<std::size_t>(header.length);
   payload.clear();
-  std::byte* at = payload.grow(static_cast<std::size_t>(header.length));
-  if (header.length && !sys::read_exact(fd_.get(), {at, static_cast<std::size_t>(header.length)})) {
+  std::byte* at = payload.grow(length);
+  const std::size_t buffered = std::min(length, end_ - begin_);
+  if (buffered) std::memcpy(at, buffer_.get() + begin_, buffered);
+  begin_ += buffered;
+  // A large payload goes straight from the socket to its place.
+  if (buffered < length && !sys::read_exact(fd_.get(), {at + buffered, length - buffered})) {
     throw ProtocolError("peer closed the channel in the middle of a frame");
   }
   return true;

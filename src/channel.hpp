@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "multiproc/codec.hpp"
 #include "platform.hpp"
@@ -46,15 +47,26 @@ class Channel {
   void send(FrameTag tag, std::uint64_t id, Writer& frame) const;
   /// Reads one frame; the payload replaces the contents of `payload`. False on a clean EOF
   /// before a frame starts. Throws ProtocolError on a bad frame or EOF inside one.
-  bool recv(FrameHeader& header, Writer& payload) const;
+  /// Reads are buffered: one recv(2) can bring several small frames. A poll(2) on fd() does not
+  /// see those, so after a recv, check has_buffered_frame() before polling again.
+  bool recv(FrameHeader& header, Writer& payload);
+  /// True when a whole frame is already buffered (recv() will not block).
+  [[nodiscard]] bool has_buffered_frame() const noexcept;
 
   [[nodiscard]] int fd() const noexcept { return fd_.get(); }
   [[nodiscard]] sys::UniqueFd& handle() noexcept { return fd_; }
   [[nodiscard]] std::size_t max_payload() const noexcept { return max_payload_; }
 
  private:
+  // Reads whatever the socket has (at least one byte, at most the buffer's room); false on EOF.
+  bool fill();
+
+  static constexpr std::size_t kBufferSize = 64 * 1024;
   sys::UniqueFd fd_;
   std::size_t max_payload_ = 0;
+  std::unique_ptr<std::byte[]> buffer_;
+  std::size_t begin_ = 0;  // unread bytes are buffer_[begin_, end_)
+  std::size_t end_ = 0;
 };
 
 }  // namespace multiproc::detail

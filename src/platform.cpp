@@ -243,6 +243,13 @@ void write_all(int fd, std::span<const std::byte> data) {
   }
 }
 
+std::size_t read_some(int fd, std::span<std::byte> data) {
+  const ssize_t n = checked_noexcept("recv", [&] { return ::recv(fd, data.data(), data.size(), 0); });
+  if (n == -ECONNRESET) return 0;  // the peer died with data of ours unread
+  if (n < 0) throw SystemError(static_cast<int>(-n), "recv");
+  return static_cast<std::size_t>(n);
+}
+
 bool read_exact(int fd, std::span<std::byte> data) {
   std::size_t got = 0;
   while (got < data.size()) {

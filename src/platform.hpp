@@ -144,6 +144,9 @@ std::pair<UniqueFd, UniqueFd> socket_pair();
 /// Writes all of `data` (retrying short writes and EINTR). Throws SystemError (EPIPE when the
 /// peer is gone; SIGPIPE is never raised).
 void write_all(int fd, std::span<const std::byte> data);
+/// Reads what is there, at least one byte (blocking until then), at most `data.size()`. Returns 0
+/// on EOF or a connection reset.
+std::size_t read_some(int fd, std::span<std::byte> data);
 /// Reads exactly `data.size()` bytes. Returns false on EOF (or a connection reset by a peer that
 /// died) before the first byte; throws ProtocolError on EOF in the middle.
 bool read_exact(int fd, std::span<std::byte> data);

@@ -467,7 +467,14 @@ struct PoolCore::Impl {
     }
   }
 
+  // Reads one frame, then every other whole frame that came in the same read.
   void read_from(Worker& w) {
+    do {
+      read_one(w);
+    } while (w.channel_open && w.channel.has_buffered_frame());
+  }
+
+  void read_one(Worker& w) {
     FrameHeader h{};
     Writer payload;
     try {
