@@ -173,6 +173,7 @@ struct WorkerConfig {
         sys::detail_fork::child_exit(3);
       }
     }
+    progress->initialized.store(1, std::memory_order_relaxed);
     const TaskContext ctx{progress};
     std::size_t done = 0;
     FrameHeader h{};
@@ -231,7 +232,6 @@ struct PoolCore::Impl {
     std::chrono::steady_clock::time_point last_result{};
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
-    bool did_work = false;
 
     Progress* progress() const { return static_cast<Progress*>(progress_page.data()); }
     std::size_t depth() const { return quick ? kMaxDepth : 1; }
@@ -256,7 +256,7 @@ struct PoolCore::Impl {
   std::thread supervisor;
   std::vector<Worker> workers;
   std::uint64_t next_seq = 1;
-  int startup_deaths = 0;  // workers that died without ever finishing a task, in a row
+  int startup_deaths = 0;  // workers that died before their initializer returned, in a row
   Writer scratch;
 
   explicit Impl(const PoolOptions& o) {
@@ -483,7 +483,7 @@ struct PoolCore::Impl {
         return;
       }
       if (h.tag == static_cast<std::uint16_t>(FrameTag::init_failed)) {
-        initializer_failed(payload);
+        initializer_failed(w, payload);
         return;
       }
       if (w.inflight.empty() || h.id != w.inflight.front().seq) {
@@ -497,8 +497,6 @@ struct PoolCore::Impl {
       w.quick = now - w.last_result < kShortChunk;
       w.last_result = now;
       if (tag == FrameTag::result) {
-        w.did_work = true;
-        startup_deaths = 0;
         if (!chunk.job->abandoned()) {
           Piece p;
           p.first = chunk.first;
@@ -507,7 +505,6 @@ struct PoolCore::Impl {
           chunk.job->deliver(std::move(p));
         }
       } else if (tag == FrameTag::fault) {
-        w.did_work = true;
         if (!chunk.job->abandoned()) chunk.job->deliver(repeated_outcome(chunk.first, chunk.count, payload.bytes()));
       } else {
         throw ProtocolError("unexpected frame from a worker");
@@ -521,7 +518,9 @@ struct PoolCore::Impl {
     }
   }
 
-  void initializer_failed(Writer& payload) {
+  // No task can run: the chunks already sent to this worker, the queued ones and all later ones
+  // fail with InitializerError (workers that started fine finish what they hold).
+  void initializer_failed(Worker& w, Writer& payload) {
     std::string why = "the pool's initializer failed";
     try {
       Reader r(payload.bytes());
@@ -535,7 +534,14 @@ struct PoolCore::Impl {
       std::lock_guard lock(mutex);
       broken = why;
     }
+    fail_inflight(w, PoolErrorKind::initializer, why);
     fail_queue(PoolErrorKind::initializer, why);
+  }
+
+  void fail_inflight(Worker& w, PoolErrorKind kind, const std::string& why) {
+    for (auto& f : w.inflight) fail_chunk(f.chunk, kind, why);
+    w.inflight.clear();
+    w.inflight_bytes = 0;
   }
 
   void fail_queue(PoolErrorKind kind, const std::string& why) {
@@ -566,18 +572,25 @@ struct PoolCore::Impl {
       read_from(w);
     }
     const ExitStatus status = ExitStatus::from_siginfo(info->si_code, info->si_status);
-    if (!w.inflight.empty()) {
-      worker_crashed(w, status);
-    } else if (!w.did_work && !status.success()) {
-      // Dying before any task, again and again (a crashing initializer): stop, don't loop.
+    if (w.progress()->initialized.load(std::memory_order_relaxed) == 0) {
+      // Died in its initializer (or before): if that happens again and again, stop, instead of
+      // restarting workers forever as Python does.
       if (++startup_deaths >= 3 * processes) {
-        const std::string why = "workers die before running any task: " + status.to_string();
-        {
-          std::lock_guard lock(mutex);
-          broken = why;
-        }
-        fail_queue(PoolErrorKind::initializer, why);
+        const std::string why = "workers die before their initializer returns: " + status.to_string();
+        std::lock_guard lock(mutex);
+        if (!broken) broken = why;
       }
+    } else {
+      startup_deaths = 0;
+    }
+    if (!w.inflight.empty()) worker_crashed(w, status);
+    {
+      std::optional<std::string> why;
+      {
+        std::lock_guard lock(mutex);
+        why = broken;
+      }
+      if (why) fail_queue(PoolErrorKind::initializer, *why);
     }
     {
       std::lock_guard lock(mutex);
@@ -591,6 +604,15 @@ struct PoolCore::Impl {
   // queue, in order. (Items of that chunk that ran before the crash run again: their results
   // died with the worker.)
   void worker_crashed(Worker& w, ExitStatus status) {
+    std::optional<std::string> why;
+    {
+      std::lock_guard lock(mutex);
+      why = broken;
+    }
+    if (why) {  // nothing put back in the queue would ever run
+      fail_inflight(w, PoolErrorKind::initializer, *why);
+      return;
+    }
     const std::uint64_t running = w.progress()->chunk.load(std::memory_order_relaxed);
     std::uint32_t at = w.progress()->item.load(std::memory_order_relaxed);
     std::vector<Chunk> requeue;

@@ -35,6 +35,7 @@ namespace multiproc::detail {
 struct Progress {
   std::atomic<std::uint64_t> chunk{0};
   std::atomic<std::uint32_t> item{0};
+  std::atomic<std::uint32_t> initialized{0};  // set once the pool's initializer has returned
 };
 
 struct TaskContext {
