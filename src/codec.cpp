@@ -15,8 +15,17 @@ void Writer::reallocate(std::size_t at_least) {
 
 std::size_t Reader::read_length(std::size_t min_element_size) {
   const auto n = read_value<std::uint64_t>();
-  const std::size_t per = min_element_size == 0 ? 1 : min_element_size;
-  if (n > remaining() / per) {
+  if (min_element_size == 0) {
+    // Elements that encode to nothing (std::monostate, std::tuple<>): the input cannot bound the
+    // count, so a fixed limit does.
+    constexpr std::uint64_t kMaxEmptyElements = std::uint64_t{1} << 24;
+    if (n > kMaxEmptyElements) {
+      throw SerializationError("length field " + std::to_string(n) + " exceeds the limit of " +
+                               std::to_string(kMaxEmptyElements) + " elements that encode to nothing");
+    }
+    return static_cast<std::size_t>(n);
+  }
+  if (n > remaining() / min_element_size) {
     throw SerializationError("length field " + std::to_string(n) + " exceeds the " +
                              std::to_string(remaining()) + " bytes left in the input");
   }

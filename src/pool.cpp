@@ -346,7 +346,9 @@ struct PoolCore::Impl {
   }
 
   void spawn(Worker& w) {
-    auto [parent_end, child_end] = sys::socket_pair();
+    auto ends = sys::socket_pair();
+    sys::UniqueFd& parent_end = ends.first;
+    sys::UniqueFd& child_end = ends.second;
     sys::SharedMapping page(4096);
     auto* progress = new (page.data()) Progress;
     const int keep[] = {child_end.get()};

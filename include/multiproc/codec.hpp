@@ -221,17 +221,24 @@ struct dependent_false : std::false_type {};
 
 /// True when multiproc knows how to send a T.
 template <class T>
-concept Encodable = requires(Writer& w, Reader& r, const T& cv, T& v) {
+concept Encodable = requires(Writer& w, Reader& r, const std::remove_cvref_t<T>& cv, std::remove_cvref_t<T>& v) {
   Codec<std::remove_cvref_t<T>>::encode(w, cv);
   Codec<std::remove_cvref_t<T>>::decode(r, v);
 };
 
+#define MULTIPROC_NOT_ENCODABLE_MESSAGE                                                                  \
+  "multiproc cannot encode this type: give it a cereal serialize(Archive&) member or free function, " \
+  "make it trivially copyable, or specialize multiproc::Codec<T>. Pointers are never sent: their "     \
+  "addresses mean nothing in another process."
+
 template <class T>
 void encode(Writer& w, const T& value) {
+  static_assert(Encodable<T>, MULTIPROC_NOT_ENCODABLE_MESSAGE);
   Codec<std::remove_cvref_t<T>>::encode(w, value);
 }
 template <class T>
 void decode(Reader& r, T& out) {
+  static_assert(Encodable<T>, MULTIPROC_NOT_ENCODABLE_MESSAGE);
   Codec<std::remove_cvref_t<T>>::decode(r, out);
 }
 template <class T>
@@ -266,30 +273,72 @@ T from_bytes(std::span<const std::byte> bytes) {
 
 // ---- the least number of bytes a T's encoding takes (bounds length fields) --------------------
 namespace detail {
+// 1 unless known: every encoding takes a byte, except the known-empty ones (monostate, tuple<>).
 template <class T>
-struct min_size : std::integral_constant<std::size_t, 0> {};
+struct min_size : std::integral_constant<std::size_t, 1> {};
 template <class T>
 inline constexpr std::size_t min_size_v = min_size<std::remove_cvref_t<T>>::value;
 }  // namespace detail
 
 // ---- primary: cereal user types, then trivially copyable types --------------------------------
+namespace detail {
+// The standard templates multiproc encodes itself: when their elements are not encodable, the
+// type is not either (cereal's traits would say yes, and fail later inside cereal).
+template <class T>
+struct is_std_handled : std::false_type {};
+template <class... A>
+struct is_std_handled<std::basic_string<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::vector<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::deque<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::list<A...>> : std::true_type {};
+template <class T, std::size_t N>
+struct is_std_handled<std::array<T, N>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::map<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::multimap<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::unordered_map<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::set<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::multiset<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::unordered_set<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::optional<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::variant<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::tuple<A...>> : std::true_type {};
+template <class... A>
+struct is_std_handled<std::pair<A...>> : std::true_type {};
+
+template <class T>
+inline constexpr bool primary_encodable_v =
+    !is_std_handled<T>::value &&
+    (is_cereal_serializable_v<T> ||
+     (std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_member_pointer_v<T>));
+}  // namespace detail
+
 template <class T>
 struct Codec {
-  static void encode(Writer& w, const T& value) {
+  static void encode(Writer& w, const T& value)
+    requires detail::primary_encodable_v<T>
+  {
     if constexpr (detail::is_cereal_serializable_v<T>) {
       detail::CerealOutput ar(w);
       ar(value);
-    } else if constexpr (std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
-                         !std::is_member_pointer_v<T>) {
-      w.write_value(value);
     } else {
-      static_assert(detail::dependent_false<T>::value,
-                    "multiproc cannot encode this type: give it a cereal serialize(Archive&) member "
-                    "or free function, make it trivially copyable, or specialize multiproc::Codec<T>. "
-                    "Pointers are never sent: their addresses mean nothing in another process.");
+      w.write_value(value);
     }
   }
-  static void decode(Reader& r, T& out) {
+  static void decode(Reader& r, T& out)
+    requires detail::primary_encodable_v<T>
+  {
     if constexpr (detail::is_cereal_serializable_v<T>) {
       try {
         detail::CerealInput ar(r);
@@ -297,11 +346,8 @@ struct Codec {
       } catch (const cereal::Exception& e) {
         detail::throw_serialization_error("cereal: ", e.what());
       }
-    } else if constexpr (std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
-                         !std::is_member_pointer_v<T>) {
-      r.read_bytes(std::addressof(out), sizeof(T));
     } else {
-      static_assert(detail::dependent_false<T>::value, "multiproc cannot decode this type");
+      r.read_bytes(std::addressof(out), sizeof(T));
     }
   }
 };
@@ -323,6 +369,7 @@ struct Codec<bool> {
 
 // ---- strings ---------------------------------------------------------------------------------
 template <class C, class Tr, class A>
+  requires std::is_trivially_copyable_v<C>
 struct Codec<std::basic_string<C, Tr, A>> {
   static_assert(std::is_trivially_copyable_v<C>);
   static void encode(Writer& w, const std::basic_string<C, Tr, A>& s) {
@@ -356,6 +403,7 @@ void encode_sequence(Writer& w, const Seq& seq) {
 }  // namespace detail
 
 template <class T, class A>
+  requires Encodable<T>
 struct Codec<std::vector<T, A>> {
   static void encode(Writer& w, const std::vector<T, A>& v) {
     if constexpr (detail::is_bitwise_v<T>) {
@@ -388,6 +436,7 @@ struct Codec<std::vector<T, A>> {
 };
 
 template <class T, class A>
+  requires Encodable<T>
 struct Codec<std::deque<T, A>> {
   static void encode(Writer& w, const std::deque<T, A>& v) { detail::encode_sequence(w, v); }
   static void decode(Reader& r, std::deque<T, A>& out) {
@@ -397,6 +446,7 @@ struct Codec<std::deque<T, A>> {
   }
 };
 template <class T, class A>
+  requires Encodable<T>
 struct Codec<std::list<T, A>> {
   static void encode(Writer& w, const std::list<T, A>& v) { detail::encode_sequence(w, v); }
   static void decode(Reader& r, std::list<T, A>& out) {
@@ -407,6 +457,7 @@ struct Codec<std::list<T, A>> {
 };
 
 template <class T, std::size_t N>
+  requires Encodable<T>
 struct Codec<std::array<T, N>> {
   static void encode(Writer& w, const std::array<T, N>& a) {
     if constexpr (detail::is_bitwise_v<T>) {
@@ -475,16 +526,22 @@ struct SetCodec {
 }  // namespace detail
 
 template <class K, class V, class C, class A>
+  requires(Encodable<K> && Encodable<V>)
 struct Codec<std::map<K, V, C, A>> : detail::MapCodec<std::map<K, V, C, A>> {};
 template <class K, class V, class C, class A>
+  requires(Encodable<K> && Encodable<V>)
 struct Codec<std::multimap<K, V, C, A>> : detail::MapCodec<std::multimap<K, V, C, A>> {};
 template <class K, class V, class H, class E, class A>
+  requires(Encodable<K> && Encodable<V>)
 struct Codec<std::unordered_map<K, V, H, E, A>> : detail::MapCodec<std::unordered_map<K, V, H, E, A>> {};
 template <class K, class C, class A>
+  requires Encodable<K>
 struct Codec<std::set<K, C, A>> : detail::SetCodec<std::set<K, C, A>> {};
 template <class K, class C, class A>
+  requires Encodable<K>
 struct Codec<std::multiset<K, C, A>> : detail::SetCodec<std::multiset<K, C, A>> {};
 template <class K, class H, class E, class A>
+  requires Encodable<K>
 struct Codec<std::unordered_set<K, H, E, A>> : detail::SetCodec<std::unordered_set<K, H, E, A>> {};
 
 template <class K, class V, class C, class A>
@@ -502,6 +559,7 @@ struct detail::min_size<std::unordered_set<K, H, E, A>> : std::integral_constant
 
 // ---- optional, variant, tuple, pair ----------------------------------------------------------
 template <class T>
+  requires Encodable<T>
 struct Codec<std::optional<T>> {
   static void encode(Writer& w, const std::optional<T>& o) {
     multiproc::encode(w, o.has_value());
@@ -529,6 +587,7 @@ template <>
 struct detail::min_size<std::monostate> : std::integral_constant<std::size_t, 0> {};
 
 template <class... Ts>
+  requires(Encodable<Ts> && ...)
 struct Codec<std::variant<Ts...>> {
   using V = std::variant<Ts...>;
   static void encode(Writer& w, const V& v) {
@@ -552,6 +611,7 @@ template <class... Ts>
 struct detail::min_size<std::variant<Ts...>> : std::integral_constant<std::size_t, 4> {};
 
 template <class... Ts>
+  requires(Encodable<Ts> && ...)
 struct Codec<std::tuple<Ts...>> {
   static void encode(Writer& w, const std::tuple<Ts...>& t) {
     std::apply([&](const auto&... e) { (multiproc::encode(w, e), ...); }, t);
@@ -565,6 +625,7 @@ struct detail::min_size<std::tuple<Ts...>>
     : std::integral_constant<std::size_t, (std::size_t{0} + ... + detail::min_size_v<Ts>)> {};
 
 template <class A, class B>
+  requires(Encodable<std::remove_const_t<A>> && Encodable<B>)
 struct Codec<std::pair<A, B>> {
   static void encode(Writer& w, const std::pair<A, B>& p) {
     multiproc::encode(w, p.first);
