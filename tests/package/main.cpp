@@ -1,0 +1,21 @@
+// A consumer of an installed multiproc: includes the umbrella header, calls into the compiled
+// library, and uses a header-only part (the codec). Exits non-zero if anything is off.
+#include <cstdio>
+#include <map>
+#include <multiproc/multiproc.hpp>
+#include <string>
+
+int main() {
+  const int cpus = multiproc::cpu_count();
+  std::printf("multiproc::cpu_count() = %d\n", cpus);
+  if (cpus < 1) return 1;
+
+  const std::map<std::string, int> sent{{"cpus", cpus}};
+  const auto received = multiproc::from_bytes<std::map<std::string, int>>(multiproc::to_bytes(sent));
+  if (received != sent) {
+    std::puts("codec round trip failed");
+    return 1;
+  }
+  std::puts("codec round trip ok");
+  return 0;
+}
