@@ -149,7 +149,11 @@ void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t par
   if (options.die_with_parent) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     // The parent may have died before prctl ran; then nobody would ever send the signal.
-    if (::getppid() != parent) ::_exit(128 + SIGKILL);
+    // Die the way PDEATHSIG would have made us (SIGKILL cannot be blocked).
+    if (::getppid() != parent) {
+      ::kill(::getpid(), SIGKILL);
+      ::_exit(128 + SIGKILL);
+    }
   }
   if (options.new_process_group) ::setpgid(0, 0);
   close_registered_fds_in_child(options.keep_fds);
@@ -201,25 +205,8 @@ std::optional<siginfo_t> wait_child(pid_t pid, int pidfd, bool nohang) {
 }
 
 bool wait_readable(int fd, std::chrono::milliseconds timeout) {
-  using clock = std::chrono::steady_clock;
-  const bool forever = timeout.count() < 0;
-  const auto deadline = clock::now() + (forever ? std::chrono::milliseconds(0) : timeout);
-  for (;;) {
-    int ms = -1;
-    if (!forever) {
-      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now());
-      ms = static_cast<int>(std::max<long long>(0, std::min<long long>(left.count(), 1 << 30)));
-    }
-    pollfd p{fd, POLLIN, 0};
-    const int r = checked_noexcept("poll", [&] { return ::poll(&p, 1, ms); });
-    if (r > 0) return true;
-    if (r == 0) {
-      if (forever) continue;
-      if (clock::now() >= deadline) return false;
-      continue;
-    }
-    throw SystemError(-r, "poll");
-  }
+  pollfd p{fd, POLLIN, 0};
+  return poll_fds(&p, 1, timeout) > 0;
 }
 
 bool send_signal(pid_t pid, int sig, bool group) {
@@ -228,6 +215,14 @@ bool send_signal(pid_t pid, int sig, bool group) {
   if (r == 0) return true;
   if (r == -ESRCH) return false;
   throw SystemError(-r, group ? "killpg" : "kill");
+}
+
+void kill_and_reap(pid_t pid) noexcept {
+  ::kill(-pid, SIGKILL);
+  ::kill(pid, SIGKILL);
+  siginfo_t info{};
+  while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED) == -1 && errno == EINTR) {
+  }
 }
 
 std::pair<UniqueFd, UniqueFd> socket_pair() {
@@ -283,7 +278,8 @@ void event_drain(int fd) noexcept {
 
 int poll_fds(struct pollfd* fds, std::size_t n, std::chrono::milliseconds timeout) {
   using clock = std::chrono::steady_clock;
-  const bool forever = timeout.count() < 0;
+  // Beyond a century is forever (and now + timeout would overflow).
+  const bool forever = timeout.count() < 0 || timeout > std::chrono::hours(24 * 365 * 100);
   const auto deadline = clock::now() + (forever ? std::chrono::milliseconds(0) : timeout);
   for (;;) {
     int ms = -1;
@@ -291,8 +287,14 @@ int poll_fds(struct pollfd* fds, std::size_t n, std::chrono::milliseconds timeou
       auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now());
       ms = static_cast<int>(std::max<long long>(0, std::min<long long>(left.count(), 1 << 30)));
     }
-    if (int e = injected_fault("poll")) throw SystemError(e, "poll");
-    const int r = ::poll(fds, static_cast<nfds_t>(n), ms);
+    // Not through checked(): after EINTR the loop recomputes the time left.
+    int r;
+    if (const int e = injected_fault("poll")) {
+      r = -1;
+      errno = e;
+    } else {
+      r = ::poll(fds, static_cast<nfds_t>(n), ms);
+    }
     if (r >= 0) return r;
     if (errno != EINTR) throw SystemError(errno, "poll");
   }

@@ -39,7 +39,11 @@ inline int injected_fault(const char* name) noexcept {
 template <class F>
 auto checked(const char* name, F&& call) {
   for (;;) {
-    if (int e = injected_fault(name)) throw SystemError(e, name);
+    // An injected error stands for the call failing with it: an injected EINTR is retried too.
+    if (int e = injected_fault(name)) {
+      if (e == EINTR) continue;
+      throw SystemError(e, name);
+    }
     auto r = call();
     if (r != -1) return r;
     if (errno != EINTR) throw SystemError(errno, name);
@@ -51,7 +55,10 @@ auto checked(const char* name, F&& call) {
 template <class F>
 auto checked_noexcept(const char* name, F&& call) noexcept -> decltype(call()) {
   for (;;) {
-    if (int e = injected_fault(name)) return -e;
+    if (int e = injected_fault(name)) {
+      if (e == EINTR) continue;
+      return -e;
+    }
     auto r = call();
     if (r != -1) return r;
     if (errno != EINTR) return -errno;
@@ -137,6 +144,10 @@ bool wait_readable(int fd, std::chrono::milliseconds timeout);
 /// Sends `sig` to the process (or its process group when `group` is set). ESRCH is not an error:
 /// returns false.
 bool send_signal(pid_t pid, int sig, bool group);
+
+/// SIGKILLs a child's process group and reaps the child: for a child whose set-up failed after
+/// fork(2), so that nothing is left running or unreaped. Never throws.
+void kill_and_reap(pid_t pid) noexcept;
 
 /// A connected, close-on-exec AF_UNIX SOCK_STREAM pair.
 std::pair<UniqueFd, UniqueFd> socket_pair();

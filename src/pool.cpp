@@ -232,6 +232,7 @@ struct PoolCore::Impl {
     std::chrono::steady_clock::time_point last_result{};
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
+    bool writable = true;      // false once a send failed: results already sent may still be read
 
     Progress* progress() const { return static_cast<Progress*>(progress_page.data()); }
     std::size_t depth() const { return quick ? kMaxDepth : 1; }
@@ -358,8 +359,13 @@ struct PoolCore::Impl {
     fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
     const pid_t pid = sys::fork_process(fo, [&] { worker_main(child_end.release(), progress, config); });
     w = Worker{};
+    try {
+      w.pidfd = sys::pidfd_open(pid);
+    } catch (...) {
+      sys::kill_and_reap(pid);
+      throw;
+    }
     w.pid = pid;
-    w.pidfd = sys::pidfd_open(pid);
     w.channel = Channel(std::move(parent_end), max_payload);
     w.progress_page = std::move(page);
     std::lock_guard lock(mutex);
@@ -434,7 +440,9 @@ struct PoolCore::Impl {
     for (std::size_t round = 1; round <= kMaxDepth; ++round) {
       bool queue_empty = false;
       for (auto& w : workers) {
-        if (w.pid == 0 || !w.channel_open || w.inflight.size() >= round || w.depth() < round) continue;
+        if (w.pid == 0 || !w.channel_open || !w.writable || w.inflight.size() >= round || w.depth() < round) {
+          continue;
+        }
         std::optional<Chunk> next;
         {
           std::lock_guard lock(mutex);
@@ -462,9 +470,9 @@ struct PoolCore::Impl {
     try {
       w.channel.send(FrameTag::task, seq, w.inflight.back().chunk.request);
     } catch (const std::exception&) {
-      // The worker is gone (EPIPE) or unreachable: its pidfd tells the rest, and its chunks are
-      // handled as the crash it is.
-      w.channel_open = false;
+      // The worker is gone (EPIPE: it exited, after max_tasks_per_child or a crash) or unreachable.
+      // What it sent before is still read; its pidfd tells the rest.
+      w.writable = false;
       sys::send_signal(w.pid, SIGKILL, true);
     }
   }

@@ -69,16 +69,16 @@ namespace {
 struct Children {
   std::mutex mutex;
   std::vector<std::shared_ptr<ProcessState>> live;
-  unsigned generation = 0;
+  pid_t owner = ::getpid();
 };
 
 Children& children() {
   static Children* c = new Children;  // never destroyed: used by the atexit handler
-  if (c->generation != sys::fork_generation()) {
-    // Inherited through fork: the parent's list (and perhaps its locked mutex) is not ours. The
-    // old storage is left behind on purpose; destroying it would act on the parent's children.
+  if (c->owner != ::getpid()) {
+    // Inherited through fork (ours or anyone's): the parent's list, and perhaps its locked mutex,
+    // are not ours. The old storage is left behind on purpose: destroying it would act on the
+    // parent's children.
     c = new Children;
-    c->generation = sys::fork_generation();
   }
   return *c;
 }
@@ -180,11 +180,15 @@ void Process::start() {
   detail::Target& target = *target_;
   const std::string& name = options_.name;
   state->pid = detail::sys::fork_process({}, [&] { detail::child_main(target, name); });
-  state->pidfd = detail::sys::pidfd_open(state->pid);
-  {
+  try {
+    state->pidfd = detail::sys::pidfd_open(state->pid);
     auto& c = detail::children();
     std::lock_guard lock(c.mutex);
     c.live.push_back(state);
+  } catch (...) {
+    // start() reports failure: the child must not go on without anyone knowing of it.
+    detail::sys::kill_and_reap(state->pid);
+    throw;
   }
   state_ = std::move(state);
 }
@@ -204,6 +208,8 @@ void Process::join() {
 bool Process::join_for(std::chrono::nanoseconds timeout) {
   if (!state_) not_started(options_.name, "join_for()");
   if (timeout.count() < 0) timeout = std::chrono::nanoseconds(0);
+  // Beyond a century is forever (and a deadline computed from it would overflow).
+  if (timeout > std::chrono::hours(24 * 365 * 100)) timeout = std::chrono::nanoseconds(-1);
   return state_->wait_ended(timeout) && state_->reap(true);
 }
 
