@@ -1,7 +1,9 @@
 #include "platform.hpp"
 
 #include <poll.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -76,7 +78,9 @@ UniqueFd::UniqueFd(int fd) noexcept : fd_(fd), generation_(g_fork_generation) {
 }
 
 void UniqueFd::reset() noexcept {
-  if (fd_ >= 0 && generation_ == g_fork_generation) {
+  if (fd_ >= 0 && !registered_) {
+    close_fd(fd_);  // inherited by forked children on purpose: each process closes its own copy
+  } else if (fd_ >= 0 && generation_ == g_fork_generation) {
     unregister_fd(fd_);
     close_fd(fd_);
   }
@@ -84,7 +88,7 @@ void UniqueFd::reset() noexcept {
 }
 
 int UniqueFd::release() noexcept {
-  if (fd_ >= 0 && generation_ == g_fork_generation) unregister_fd(fd_);
+  if (fd_ >= 0 && registered_ && generation_ == g_fork_generation) unregister_fd(fd_);
   return std::exchange(fd_, -1);
 }
 
@@ -215,6 +219,60 @@ bool send_signal(pid_t pid, int sig, bool group) {
   if (r == 0) return true;
   if (r == -ESRCH) return false;
   throw SystemError(-r, group ? "killpg" : "kill");
+}
+
+UniqueFd memfd(const char* debug_name, std::size_t size) {
+  UniqueFd fd(checked("memfd_create", [&] { return ::memfd_create(debug_name, MFD_CLOEXEC); }), UniqueFd::Inheritable{});
+  checked("ftruncate", [&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); });
+  return fd;
+}
+
+UniqueFd shm_open_named(const std::string& name, bool create, std::size_t size) {
+  const int flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
+  UniqueFd fd(checked("shm_open", [&] { return ::shm_open(name.c_str(), flags, 0600); }), UniqueFd::Inheritable{});
+  if (create) {
+    try {
+      checked("ftruncate", [&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); });
+    } catch (...) {
+      ::shm_unlink(name.c_str());
+      throw;
+    }
+  }
+  return fd;
+}
+
+void shm_unlink_named(const std::string& name) {
+  checked("shm_unlink", [&] { return ::shm_unlink(name.c_str()); });
+}
+
+UniqueFd dup_inheritable(int fd) {
+  return UniqueFd(checked("fcntl", [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }), UniqueFd::Inheritable{});
+}
+
+UniqueFd open_process_fd(pid_t pid, int fd) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
+  return UniqueFd(checked("open", [&] { return ::open(path.c_str(), O_RDWR | O_CLOEXEC); }), UniqueFd::Inheritable{});
+}
+
+std::size_t file_size(int fd) {
+  struct stat st {};
+  checked("fstat", [&] { return ::fstat(fd, &st); });
+  return static_cast<std::size_t>(st.st_size);
+}
+
+FileMapping::FileMapping(int fd, std::size_t size) : size_(size) {
+  if (size == 0) return;
+  const std::intptr_t p = checked("mmap", [&]() -> std::intptr_t {
+    void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return m == MAP_FAILED ? -1 : reinterpret_cast<std::intptr_t>(m);
+  });
+  data_ = reinterpret_cast<void*>(p);
+}
+
+void FileMapping::reset() noexcept {
+  if (data_) ::munmap(data_, size_);
+  data_ = nullptr;
+  size_ = 0;
 }
 
 void kill_and_reap(pid_t pid) noexcept {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <string>
 #include <utility>
 
 #include "multiproc/error.hpp"
@@ -68,18 +69,28 @@ auto checked_noexcept(const char* name, F&& call) noexcept -> decltype(call()) {
 /// close(2) without retrying EINTR. Reports, never throws.
 void close_fd(int fd) noexcept;
 
+/// Incremented in every child forked by fork_process: objects holding resources compare it with
+/// the value they were created under to tell inherited resources from their own.
+unsigned fork_generation() noexcept;
+
 /// An owned file descriptor, close-on-exec, and known to the library's descriptor registry so that
 /// a child forked for one purpose never inherits the descriptors opened for another.
 class UniqueFd {
  public:
   UniqueFd() noexcept = default;
   explicit UniqueFd(int fd) noexcept;  // takes ownership and registers
-  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)), generation_(o.generation_) {}
+  /// Takes ownership without registering: the descriptor of an object a forked child shares with
+  /// its parent (shared memory), which the child must inherit.
+  struct Inheritable {};
+  UniqueFd(int fd, Inheritable) noexcept : fd_(fd), generation_(fork_generation()), registered_(false) {}
+  UniqueFd(UniqueFd&& o) noexcept
+      : fd_(std::exchange(o.fd_, -1)), generation_(o.generation_), registered_(o.registered_) {}
   UniqueFd& operator=(UniqueFd&& o) noexcept {
     if (this != &o) {
       reset();
       fd_ = std::exchange(o.fd_, -1);
       generation_ = o.generation_;
+      registered_ = o.registered_;
     }
     return *this;
   }
@@ -99,11 +110,8 @@ class UniqueFd {
  private:
   int fd_ = -1;
   unsigned generation_ = 0;
+  bool registered_ = true;
 };
-
-/// Incremented in every child forked by fork_process: objects holding resources compare it with
-/// the value they were created under to tell inherited resources from their own.
-unsigned fork_generation() noexcept;
 
 /// In a freshly forked child: closes every registered descriptor except those in `keep` (which
 /// the child adopts through UniqueFd::release()), empties the registry and resets its lock (the
@@ -144,6 +152,44 @@ bool wait_readable(int fd, std::chrono::milliseconds timeout);
 /// Sends `sig` to the process (or its process group when `group` is set). ESRCH is not an error:
 /// returns false.
 bool send_signal(pid_t pid, int sig, bool group);
+
+// ---- shared memory ----------------------------------------------------------------------------
+
+/// An anonymous memory file of `size` bytes (memfd_create, close-on-exec, not registered: forked
+/// children share it).
+UniqueFd memfd(const char* debug_name, std::size_t size);
+/// A named POSIX shared memory object: created 0600 with O_EXCL when `create`, else opened.
+UniqueFd shm_open_named(const std::string& name, bool create, std::size_t size);
+void shm_unlink_named(const std::string& name);
+/// A close-on-exec duplicate of `fd`, not registered.
+UniqueFd dup_inheritable(int fd);
+/// Opens another process's descriptor through /proc/<pid>/fd/<fd> (read-write).
+UniqueFd open_process_fd(pid_t pid, int fd);
+/// The size of the file behind `fd`.
+std::size_t file_size(int fd);
+/// mmap(MAP_SHARED) of a whole file; munmap on destruction.
+class FileMapping {
+ public:
+  FileMapping() noexcept = default;
+  FileMapping(int fd, std::size_t size);
+  FileMapping(FileMapping&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  FileMapping& operator=(FileMapping&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  ~FileMapping() { reset(); }
+  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(data_); }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  void reset() noexcept;
+
+ private:
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+};
 
 /// SIGKILLs a child's process group and reaps the child: for a child whose set-up failed after
 /// fork(2), so that nothing is left running or unreaped. Never throws.

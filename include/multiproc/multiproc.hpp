@@ -7,3 +7,4 @@
 #include "multiproc/exit_status.hpp"
 #include "multiproc/pool.hpp"
 #include "multiproc/process.hpp"
+#include "multiproc/shared_memory.hpp"

@@ -1,0 +1,93 @@
+#include "multiproc/shared_memory.hpp"
+
+#include <unistd.h>
+
+#include "platform.hpp"
+
+namespace multiproc {
+
+namespace detail {
+struct SharedSegment {
+  sys::UniqueFd fd;
+  sys::FileMapping mapping;
+  std::string name;
+};
+
+namespace {
+std::string normalized(const std::string& name) {
+  if (name.empty() || name == "/") throw InvalidArgument("SharedMemory: empty name");
+  return name[0] == '/' ? name : "/" + name;
+}
+
+std::shared_ptr<SharedSegment> map_segment(sys::UniqueFd fd, std::string name) {
+  auto seg = std::make_shared<SharedSegment>();
+  const std::size_t size = sys::file_size(fd.get());
+  seg->mapping = sys::FileMapping(fd.get(), size);
+  seg->fd = std::move(fd);
+  seg->name = std::move(name);
+  return seg;
+}
+}  // namespace
+}  // namespace detail
+
+SharedMemory::SharedMemory(std::size_t size)
+    : seg_(detail::map_segment(detail::sys::memfd("multiproc", size), {})) {}
+
+SharedMemory SharedMemory::create(const std::string& name, std::size_t size) {
+  const std::string n = detail::normalized(name);
+  return SharedMemory(detail::map_segment(detail::sys::shm_open_named(n, true, size), n));
+}
+
+SharedMemory SharedMemory::attach(const std::string& name) {
+  const std::string n = detail::normalized(name);
+  return SharedMemory(detail::map_segment(detail::sys::shm_open_named(n, false, 0), n));
+}
+
+void* SharedMemory::data() const noexcept { return seg_ ? seg_->mapping.data() : nullptr; }
+std::size_t SharedMemory::size() const noexcept { return seg_ ? seg_->mapping.size() : 0; }
+
+const std::string& SharedMemory::name() const noexcept {
+  static const std::string none;
+  return seg_ ? seg_->name : none;
+}
+
+void SharedMemory::unlink() {
+  if (!seg_ || seg_->name.empty()) throw StateError("SharedMemory::unlink: the segment has no name");
+  detail::sys::shm_unlink_named(seg_->name);
+}
+
+// The handle: a flag, then the name (named) or the owner's pid and descriptor (anonymous).
+void SharedMemory::encode_handle(Writer& w) const {
+  if (!seg_) {
+    w.write_value(std::uint8_t{0});
+    return;
+  }
+  if (!seg_->name.empty()) {
+    w.write_value(std::uint8_t{1});
+    multiproc::encode(w, seg_->name);
+    return;
+  }
+  w.write_value(std::uint8_t{2});
+  w.write_value(static_cast<std::int32_t>(::getpid()));
+  w.write_value(static_cast<std::int32_t>(seg_->fd.get()));
+}
+
+SharedMemory SharedMemory::decode_handle(Reader& r) {
+  switch (r.read_value<std::uint8_t>()) {
+    case 0: return SharedMemory();
+    case 1: return attach(multiproc::decode<std::string>(r));
+    case 2: {
+      const auto pid = r.read_value<std::int32_t>();
+      const auto fd = r.read_value<std::int32_t>();
+      if (pid <= 0 || fd < 0) throw SerializationError("corrupt shared memory handle");
+      if (pid == ::getpid()) {
+        // Our own segment (or one inherited through fork): a descriptor of ours.
+        return SharedMemory(detail::map_segment(detail::sys::dup_inheritable(fd), {}));
+      }
+      return SharedMemory(detail::map_segment(detail::sys::open_process_fd(pid, fd), {}));
+    }
+    default: throw SerializationError("corrupt shared memory handle");
+  }
+}
+
+}  // namespace multiproc
