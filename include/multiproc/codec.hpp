@@ -19,8 +19,12 @@
 // Decoding never reads past its input and never allocates more than a small multiple of the input
 // size, whatever a length field says: truncated or corrupt bytes throw SerializationError.
 // The format is native-endian and meant for processes of one build on one machine, not storage.
+// Trivially copyable structs and enums are copied byte for byte, unvalidated: from corrupt bytes a
+// bool member or an enum can decode to a value outside its range. Types that must be checked give
+// themselves a cereal serialize() (or a Codec) that validates.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cereal/cereal.hpp>
 #include <cereal/types/array.hpp>
@@ -110,7 +114,8 @@ class Reader {
   explicit Reader(std::span<const std::byte> bytes) noexcept : bytes_(bytes) {}
 
   void read_bytes(void* out, std::size_t n) {
-    std::memcpy(out, take(n).data(), n);
+    const auto from = take(n);
+    if (n) std::memcpy(out, from.data(), n);  // `out` may be null when n is 0
   }
   template <class T>
     requires std::is_trivially_copyable_v<T>
@@ -421,7 +426,9 @@ struct Codec<std::vector<T, A>> {
       if (n) std::memcpy(out.data(), bytes.data(), bytes.size());
     } else {
       out.clear();
-      out.reserve(n);
+      // Reserve no more than a small multiple of the input in memory: a corrupt count of large
+      // elements must not allocate before decoding fails.
+      out.reserve(std::min(n, r.remaining() * 8 / sizeof(T) + 1));
       for (std::size_t i = 0; i < n; ++i) {
         if constexpr (std::is_same_v<T, bool>) {
           bool b;

@@ -1,0 +1,790 @@
+// Codec: round trips for every built-in kind, cereal user types, and corrupt input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <list>
+#include <map>
+#include <memory>
+#include <multiproc/codec.hpp>
+#include <new>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <variant>
+#include <vector>
+
+// ---- allocation probe -----------------------------------------------------------------------
+// Replacing the global operator new lets a test assert that decoding a huge length field does not
+// even try to allocate what it says. Only the largest single request is recorded.
+namespace {
+std::atomic<std::size_t> g_largest_allocation{0};
+
+void record_allocation(std::size_t n) noexcept {
+  std::size_t seen = g_largest_allocation.load(std::memory_order_relaxed);
+  while (n > seen && !g_largest_allocation.compare_exchange_weak(seen, n, std::memory_order_relaxed)) {
+  }
+}
+
+void* allocate(std::size_t n) {
+  record_allocation(n);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return allocate(n); }
+void* operator new[](std::size_t n) { return allocate(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  record_allocation(n);
+  return std::malloc(n == 0 ? 1 : n);
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  record_allocation(n);
+  return std::malloc(n == 0 ? 1 : n);
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace {
+
+using multiproc::from_bytes;
+using multiproc::SerializationError;
+using multiproc::to_bytes;
+using Bytes = std::vector<std::byte>;
+
+template <class T>
+T round_trip(const T& value) {
+  const Bytes bytes = to_bytes(value);
+  return from_bytes<T>(bytes);
+}
+
+template <class T>
+void expect_round_trip(const T& value) {
+  EXPECT_EQ(round_trip(value), value);
+}
+
+// ---- test types -----------------------------------------------------------------------------
+
+enum class Color : std::uint8_t { red = 1, green = 2, blue = 200 };
+enum Plain { plain_a = 0, plain_b = 1, plain_c = 2 };
+enum class Wide : std::int64_t { low = std::numeric_limits<std::int64_t>::min(), high = 1LL << 40 };
+
+struct Trivial {
+  int a;
+  double b;
+  char c[5];
+  Color color;
+  friend bool operator==(const Trivial& x, const Trivial& y) {
+    return x.a == y.a && x.b == y.b && std::memcmp(x.c, y.c, sizeof x.c) == 0 && x.color == y.color;
+  }
+};
+static_assert(std::is_trivially_copyable_v<Trivial>);
+
+// A cereal type with a serialize member, names through make_nvp, and std members.
+struct Person {
+  std::string name;
+  int age = 0;
+  std::vector<std::string> tags;
+  std::map<std::string, std::vector<double>> scores;
+  std::optional<int> lucky;
+  std::variant<int, std::string> id;
+  std::set<int> seen;
+
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(cereal::make_nvp("name", name), cereal::make_nvp("age", age), cereal::make_nvp("tags", tags), CEREAL_NVP(scores),
+       CEREAL_NVP(lucky), CEREAL_NVP(id), CEREAL_NVP(seen));
+  }
+  friend bool operator==(const Person&, const Person&) = default;
+};
+
+// A cereal type with save/load split: stored as a different representation than in memory.
+class Celsius {
+ public:
+  Celsius() = default;
+  explicit Celsius(double degrees) : degrees_(degrees) {}
+  [[nodiscard]] double degrees() const { return degrees_; }
+
+  template <class Archive>
+  void save(Archive& ar) const {
+    const std::int64_t milli = static_cast<std::int64_t>(degrees_ * 1000.0);
+    ar(milli);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    std::int64_t milli = 0;
+    ar(milli);
+    degrees_ = static_cast<double>(milli) / 1000.0;
+    loaded_ = true;
+  }
+  [[nodiscard]] bool loaded() const { return loaded_; }
+  friend bool operator==(const Celsius& a, const Celsius& b) { return a.degrees_ == b.degrees_; }
+
+ private:
+  double degrees_ = 0;
+  bool loaded_ = false;
+};
+
+// Trivially copyable, but with a serialize member: cereal must win over the bitwise copy.
+struct HalfSent {
+  std::int32_t sent = 0;
+  std::int32_t not_sent = 0;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(sent);
+  }
+};
+static_assert(std::is_trivially_copyable_v<HalfSent>);
+
+// A cereal type holding a bool and a nested cereal type, to reach cereal's paths in corrupt input.
+struct Team {
+  std::string title;
+  bool active = false;
+  std::vector<Person> members;
+  Celsius temperature;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(title, active, members, temperature);
+  }
+  friend bool operator==(const Team&, const Team&) = default;
+};
+
+struct NotSerializable {
+  std::string s;  // not trivially copyable, no serialize
+};
+
+Person sample_person(int i) {
+  Person p;
+  p.name = "person-" + std::to_string(i);
+  p.age = 30 + i;
+  p.tags = {"a", "", std::string("nul\0inside", 10)};
+  p.scores = {{"math", {1.5, 2.5}}, {"empty", {}}};
+  p.lucky = i % 2 ? std::optional<int>(7 * i) : std::nullopt;
+  p.id = i % 2 ? std::variant<int, std::string>(i) : std::variant<int, std::string>("id-" + std::to_string(i));
+  p.seen = {i, i + 1, -i};
+  return p;
+}
+
+using Nested = std::map<std::string, std::vector<std::optional<std::variant<int, std::string>>>>;
+
+Nested sample_nested() {
+  Nested n;
+  n["alpha"] = {1, std::nullopt, std::string("x"), 42};
+  n["beta"] = {};
+  n[""] = {std::string(), std::nullopt};
+  n["gamma"] = {std::string(300, 'g'), -5};
+  return n;
+}
+
+// A bigger nested value for the corrupt-input tests: std containers, cereal types, bools, floats.
+using Corruptible = std::tuple<Nested, std::vector<bool>, std::list<std::string>, std::set<int>,
+                               std::unordered_map<int, double>, std::optional<Team>, std::pair<Color, std::string>,
+                               std::deque<std::array<std::int16_t, 3>>, std::variant<std::monostate, double, Celsius>>;
+
+Corruptible sample_corruptible() {
+  Team team;
+  team.title = "team";
+  team.active = true;
+  team.members = {sample_person(1), sample_person(2)};
+  team.temperature = Celsius(21.5);
+  return {sample_nested(),        {true, false, true},
+          {"one", "", "three"},   {3, 1, 2},
+          {{1, 1.5}, {2, -0.25}}, team,
+          {Color::blue, "blue"},  {{{1, 2, 3}}, {{-1, -2, -3}}},
+          Celsius(-3.25)};
+}
+
+// ---- arithmetic and enums ---------------------------------------------------------------------
+
+template <class T>
+void expect_limits_round_trip() {
+  expect_round_trip<T>(T{});
+  expect_round_trip<T>(std::numeric_limits<T>::min());
+  expect_round_trip<T>(std::numeric_limits<T>::max());
+  expect_round_trip<T>(std::numeric_limits<T>::lowest());
+  EXPECT_EQ(to_bytes(T{}).size(), sizeof(T));
+}
+
+TEST(CodecTest, BoolRoundTripsAsOneByte) {
+  expect_round_trip(true);
+  expect_round_trip(false);
+  EXPECT_EQ(to_bytes(true), Bytes{std::byte{1}});
+  EXPECT_EQ(to_bytes(false), Bytes{std::byte{0}});
+}
+
+TEST(CodecTest, IntegerTypesRoundTripAtTheirLimits) {
+  expect_limits_round_trip<char>();
+  expect_limits_round_trip<signed char>();
+  expect_limits_round_trip<unsigned char>();
+  expect_limits_round_trip<char8_t>();
+  expect_limits_round_trip<char16_t>();
+  expect_limits_round_trip<char32_t>();
+  expect_limits_round_trip<wchar_t>();
+  expect_limits_round_trip<short>();
+  expect_limits_round_trip<unsigned short>();
+  expect_limits_round_trip<int>();
+  expect_limits_round_trip<unsigned>();
+  expect_limits_round_trip<long>();
+  expect_limits_round_trip<unsigned long>();
+  expect_limits_round_trip<long long>();
+  expect_limits_round_trip<unsigned long long>();
+  expect_limits_round_trip<std::int8_t>();
+  expect_limits_round_trip<std::uint8_t>();
+  expect_limits_round_trip<std::int16_t>();
+  expect_limits_round_trip<std::uint16_t>();
+  expect_limits_round_trip<std::int32_t>();
+  expect_limits_round_trip<std::uint32_t>();
+  expect_limits_round_trip<std::int64_t>();
+  expect_limits_round_trip<std::uint64_t>();
+  expect_round_trip<std::int64_t>(-1234567890123LL);
+}
+
+TEST(CodecTest, FloatingTypesRoundTripIncludingSpecialValues) {
+  expect_limits_round_trip<float>();
+  expect_limits_round_trip<double>();
+  expect_limits_round_trip<long double>();
+  expect_round_trip(3.25f);
+  expect_round_trip(-0.1);
+  expect_round_trip(1.0L / 3.0L);
+  expect_round_trip(std::numeric_limits<double>::infinity());
+  expect_round_trip(-std::numeric_limits<float>::infinity());
+  expect_round_trip(std::numeric_limits<double>::denorm_min());
+  // -0.0 == 0.0, so check the sign survives too.
+  EXPECT_TRUE(std::signbit(round_trip(-0.0)));
+  EXPECT_TRUE(std::isnan(round_trip(std::numeric_limits<double>::quiet_NaN())));
+  EXPECT_TRUE(std::isnan(round_trip(std::numeric_limits<long double>::quiet_NaN())));
+}
+
+TEST(CodecTest, EnumsRoundTrip) {
+  expect_round_trip(Color::red);
+  expect_round_trip(Color::blue);
+  expect_round_trip(plain_c);
+  expect_round_trip(Wide::low);
+  expect_round_trip(Wide::high);
+  EXPECT_EQ(to_bytes(Color::green).size(), 1u);
+  EXPECT_EQ(to_bytes(Wide::high).size(), 8u);
+}
+
+TEST(CodecTest, TriviallyCopyableStructRoundTripsAsItsBytes) {
+  Trivial t{-7, 2.5, {'a', '\0', 'b', 'c', 'd'}, Color::green};
+  expect_round_trip(t);
+  EXPECT_EQ(to_bytes(t).size(), sizeof(Trivial));
+  expect_round_trip(std::array<Trivial, 2>{t, Trivial{1, 0.0, {}, Color::red}});
+}
+
+// ---- strings ----------------------------------------------------------------------------------
+
+TEST(CodecTest, EmptyStringRoundTrips) {
+  expect_round_trip(std::string());
+  EXPECT_EQ(to_bytes(std::string()).size(), 8u);  // the length alone
+}
+
+TEST(CodecTest, StringWithEmbeddedNulsRoundTrips) {
+  const std::string s("a\0b\0\0c", 6);
+  EXPECT_EQ(round_trip(s).size(), 6u);
+  expect_round_trip(s);
+  expect_round_trip(std::string(1, '\0'));
+}
+
+TEST(CodecTest, LargeStringRoundTrips) {
+  std::string s(1 << 20, '\0');
+  for (std::size_t i = 0; i < s.size(); ++i) s[i] = static_cast<char>(i * 131 + 7);
+  expect_round_trip(s);
+  EXPECT_EQ(to_bytes(s).size(), 8u + (1u << 20));
+}
+
+TEST(CodecTest, WideStringsRoundTrip) {
+  expect_round_trip(std::u32string(U"h\u00e9llo \U0001F600"));
+  expect_round_trip(std::wstring(L"wide"));
+  expect_round_trip(std::u16string());
+}
+
+// ---- sequences --------------------------------------------------------------------------------
+
+TEST(CodecTest, VectorOfIntsRoundTrips) {
+  std::vector<int> v(1000);
+  for (int i = 0; i < 1000; ++i) v[static_cast<std::size_t>(i)] = i * i - 500;
+  expect_round_trip(v);
+  EXPECT_EQ(to_bytes(v).size(), 8u + 1000 * sizeof(int));
+}
+
+TEST(CodecTest, EmptyVectorsRoundTrip) {
+  expect_round_trip(std::vector<int>{});
+  expect_round_trip(std::vector<std::string>{});
+  expect_round_trip(std::vector<bool>{});
+  expect_round_trip(std::vector<Person>{});
+  EXPECT_EQ(to_bytes(std::vector<int>{}).size(), 8u);
+}
+
+TEST(CodecTest, VectorOfBoolRoundTrips) {
+  std::vector<bool> v;
+  for (int i = 0; i < 77; ++i) v.push_back(i % 3 == 0);
+  expect_round_trip(v);
+  expect_round_trip(std::vector<bool>{false});
+}
+
+TEST(CodecTest, VectorOfStringsRoundTrips) {
+  expect_round_trip(std::vector<std::string>{"", "a", std::string(1000, 'z'), std::string("\0\0", 2)});
+}
+
+TEST(CodecTest, VectorOfTrivialStructsRoundTrips) {
+  std::vector<Trivial> v;
+  for (int i = 0; i < 50; ++i) v.push_back(Trivial{i, i / 3.0, {'x', 'y', 'z', 0, 0}, Color::blue});
+  expect_round_trip(v);
+  EXPECT_EQ(to_bytes(v).size(), 8u + 50 * sizeof(Trivial));
+}
+
+TEST(CodecTest, VectorOfStructsWithSerializeRoundTrips) {
+  expect_round_trip(std::vector<Person>{sample_person(1), sample_person(2), Person{}});
+}
+
+TEST(CodecTest, ArraysRoundTrip) {
+  expect_round_trip(std::array<int, 4>{1, -2, 3, -4});
+  expect_round_trip(std::array<bool, 3>{true, false, true});
+  expect_round_trip(std::array<std::string, 3>{"a", "", "ccc"});
+  expect_round_trip(std::array<std::vector<int>, 2>{std::vector<int>{1}, std::vector<int>{}});
+  EXPECT_EQ(to_bytes(std::array<std::int32_t, 4>{}).size(), 16u);  // no length prefix
+}
+
+TEST(CodecTest, ZeroLengthArrayRoundTrips) {
+  expect_round_trip(std::array<int, 0>{});
+  EXPECT_TRUE(to_bytes(std::array<int, 0>{}).empty());
+}
+
+TEST(CodecTest, DequeAndListRoundTrip) {
+  expect_round_trip(std::deque<int>{5, 4, 3});
+  expect_round_trip(std::deque<std::string>{"x", ""});
+  expect_round_trip(std::deque<int>{});
+  expect_round_trip(std::list<std::string>{"a", "b", ""});
+  expect_round_trip(std::list<double>{});
+  expect_round_trip(std::list<std::vector<int>>{{1, 2}, {}, {3}});
+}
+
+// ---- associative containers ---------------------------------------------------------------------
+
+TEST(CodecTest, MapRoundTrips) {
+  expect_round_trip(std::map<std::string, int>{{"a", 1}, {"b", 2}, {"", 0}});
+  expect_round_trip(std::map<int, std::string>{});
+  expect_round_trip(std::map<int, std::vector<std::string>>{{1, {"x"}}, {2, {}}});
+}
+
+TEST(CodecTest, MultimapKeepsDuplicateKeys) {
+  const std::multimap<int, std::string> m{{1, "a"}, {1, "b"}, {2, "c"}, {1, "a"}};
+  const auto back = round_trip(m);
+  EXPECT_EQ(back, m);
+  EXPECT_EQ(back.count(1), 3u);
+}
+
+TEST(CodecTest, UnorderedMapRoundTrips) {
+  std::unordered_map<std::string, std::vector<int>> m;
+  for (int i = 0; i < 100; ++i) m["k" + std::to_string(i)] = std::vector<int>(static_cast<std::size_t>(i % 5), i);
+  expect_round_trip(m);
+  expect_round_trip(std::unordered_map<int, int>{});
+}
+
+TEST(CodecTest, SetsRoundTrip) {
+  expect_round_trip(std::set<std::string>{"b", "a", ""});
+  expect_round_trip(std::set<int>{});
+  const std::multiset<int> ms{1, 1, 2, 3, 3, 3};
+  const auto back = round_trip(ms);
+  EXPECT_EQ(back, ms);
+  EXPECT_EQ(back.count(3), 3u);
+  std::unordered_set<long> us;
+  for (long i = -50; i < 50; ++i) us.insert(i * 7919);
+  expect_round_trip(us);
+}
+
+// ---- optional, variant, tuple, pair -------------------------------------------------------------
+
+TEST(CodecTest, OptionalRoundTripsEmptyAndFull) {
+  expect_round_trip(std::optional<int>{});
+  expect_round_trip(std::optional<int>{0});
+  expect_round_trip(std::optional<std::string>{"full"});
+  expect_round_trip(std::optional<std::string>{});
+  expect_round_trip(std::optional<std::optional<int>>{std::optional<int>{}});
+  EXPECT_EQ(to_bytes(std::optional<int>{}).size(), 1u);
+  EXPECT_EQ(to_bytes(std::optional<int>{9}).size(), 5u);
+}
+
+TEST(CodecTest, VariantRoundTripsEveryAlternative) {
+  using V = std::variant<std::monostate, int, std::string, std::vector<double>, bool>;
+  const std::vector<V> values{V{}, V{42}, V{std::string("s")}, V{std::vector<double>{1.5}}, V{true}, V{false}};
+  for (const V& v : values) {
+    const V back = round_trip(v);
+    EXPECT_EQ(back.index(), v.index());
+    EXPECT_EQ(back, v);
+  }
+  // Repeated alternative types are told apart by index, not type.
+  using Twice = std::variant<int, int>;
+  const Twice second(std::in_place_index<1>, 5);
+  EXPECT_EQ(round_trip(second).index(), 1u);
+  EXPECT_EQ(std::get<1>(round_trip(second)), 5);
+}
+
+TEST(CodecTest, MonostateRoundTripsAsNothing) {
+  expect_round_trip(std::monostate{});
+  EXPECT_TRUE(to_bytes(std::monostate{}).empty());
+}
+
+// A sequence of values whose encoding is empty: the length field must still be honoured.
+TEST(CodecTest, VectorOfMonostateRoundTrips) {
+  expect_round_trip(std::vector<std::monostate>(3));
+  expect_round_trip(std::list<std::tuple<>>(2));
+}
+
+TEST(CodecTest, TupleAndPairRoundTrip) {
+  expect_round_trip(std::tuple<>{});
+  expect_round_trip(std::tuple<int, std::string, bool, double>{1, "two", true, 4.0});
+  expect_round_trip(std::pair<std::string, std::vector<int>>{"p", {1, 2}});
+  expect_round_trip(std::tuple<std::pair<int, int>, std::tuple<char>>{{1, 2}, {'c'}});
+}
+
+TEST(CodecTest, NestedContainersRoundTrip) {
+  expect_round_trip(sample_nested());
+  using Deep = std::vector<std::map<int, std::set<std::tuple<std::string, std::optional<long>>>>>;
+  Deep d{{{1, {{"a", 1L}, {"b", std::nullopt}}}}, {}, {{2, {}}}};
+  expect_round_trip(d);
+  expect_round_trip(std::deque<std::list<std::unordered_map<std::string, std::pair<bool, std::array<char, 2>>>>>{
+      {{{"k", {true, {'x', 'y'}}}}, {}}, {}});
+}
+
+// ---- cereal user types --------------------------------------------------------------------------
+
+TEST(CodecTest, CerealSerializeMemberRoundTrips) {
+  expect_round_trip(sample_person(1));
+  expect_round_trip(sample_person(2));
+  expect_round_trip(Person{});
+}
+
+TEST(CodecTest, CerealSaveLoadSplitRoundTrips) {
+  const Celsius back = round_trip(Celsius(36.625));
+  EXPECT_TRUE(back.loaded());
+  EXPECT_EQ(back.degrees(), 36.625);
+  EXPECT_EQ(to_bytes(Celsius(1.0)).size(), sizeof(std::int64_t));  // the saved form, not the object
+}
+
+TEST(CodecTest, CerealSerializeWinsOverBitwiseCopy) {
+  const HalfSent h{11, 22};
+  EXPECT_EQ(to_bytes(h).size(), sizeof(std::int32_t));
+  const HalfSent back = round_trip(h);
+  EXPECT_EQ(back.sent, 11);
+  EXPECT_EQ(back.not_sent, 0);
+}
+
+TEST(CodecTest, CerealTypesInsideStdContainersRoundTrip) {
+  expect_round_trip(std::map<std::string, Person>{{"one", sample_person(1)}, {"two", sample_person(2)}});
+  expect_round_trip(std::optional<Celsius>{Celsius(-40.0)});
+  expect_round_trip(std::variant<int, Person>{sample_person(3)});
+  expect_round_trip(std::tuple<Celsius, Person, int>{Celsius(1.5), sample_person(4), 9});
+  expect_round_trip(std::list<std::vector<Celsius>>{{Celsius(1.0), Celsius(2.0)}, {}});
+}
+
+TEST(CodecTest, StdContainersInsideCerealTypesRoundTrip) {
+  Team t;
+  t.title = "nested";
+  t.active = true;
+  t.members = {sample_person(5), Person{}, sample_person(6)};
+  t.temperature = Celsius(-0.5);
+  expect_round_trip(t);
+  expect_round_trip(std::vector<Team>{t, Team{}});
+}
+
+// ---- the Encodable concept ----------------------------------------------------------------------
+
+TEST(CodecTest, EncodableIsTrueForSupportedTypes) {
+  EXPECT_TRUE(multiproc::Encodable<int>);
+  EXPECT_TRUE(multiproc::Encodable<bool>);
+  EXPECT_TRUE(multiproc::Encodable<Color>);
+  EXPECT_TRUE(multiproc::Encodable<Trivial>);
+  EXPECT_TRUE(multiproc::Encodable<std::string>);
+  EXPECT_TRUE(multiproc::Encodable<Nested>);
+  EXPECT_TRUE(multiproc::Encodable<Person>);
+  EXPECT_TRUE(multiproc::Encodable<Celsius>);
+  EXPECT_TRUE((multiproc::Encodable<std::tuple<int, Person, std::vector<bool>>>));
+}
+
+// Later layers check Encodable<Args>... on forwarded argument types; cv and reference qualifiers
+// must not change the answer (the concept already looks up Codec<remove_cvref_t<T>>).
+TEST(CodecTest, EncodableIgnoresCvRefQualifiers) {
+  EXPECT_TRUE(multiproc::Encodable<const std::string>);
+  EXPECT_TRUE(multiproc::Encodable<std::string&>);
+  EXPECT_TRUE(multiproc::Encodable<const std::string&>);
+  EXPECT_TRUE(multiproc::Encodable<std::vector<int>&&>);
+  EXPECT_TRUE(multiproc::Encodable<const Person&>);
+}
+
+// Encodable is how later layers (Pool, Queue) reject a type at compile time with a clear message;
+// it must be false for what encode() would refuse with a static_assert.
+TEST(CodecTest, EncodableIsFalseForUnsupportedTypes) {
+  EXPECT_FALSE(multiproc::Encodable<int*>);
+  EXPECT_FALSE(multiproc::Encodable<const char*>);
+  EXPECT_FALSE(multiproc::Encodable<NotSerializable>);
+  EXPECT_FALSE(multiproc::Encodable<int Trivial::*>);
+}
+
+TEST(CodecTest, EncodableIsFalseForContainersOfUnsupportedTypes) {
+  EXPECT_FALSE(multiproc::Encodable<std::vector<int*>>);
+  EXPECT_FALSE((multiproc::Encodable<std::map<std::string, NotSerializable>>));
+  EXPECT_FALSE(multiproc::Encodable<std::optional<NotSerializable>>);
+}
+
+// ---- Writer / Reader ------------------------------------------------------------------------------
+
+TEST(CodecTest, EncodeAllThenDecodeInOrder) {
+  multiproc::Writer w;
+  multiproc::encode_all(w, 1, std::string("two"), std::vector<int>{3}, sample_person(4));
+  multiproc::Reader r(w.bytes());
+  EXPECT_EQ(multiproc::decode<int>(r), 1);
+  EXPECT_EQ(multiproc::decode<std::string>(r), "two");
+  EXPECT_EQ(multiproc::decode<std::vector<int>>(r), std::vector<int>{3});
+  EXPECT_EQ(multiproc::decode<Person>(r), sample_person(4));
+  EXPECT_EQ(r.remaining(), 0u);
+  EXPECT_THROW(multiproc::decode<int>(r), SerializationError);
+}
+
+TEST(CodecTest, WriterGrowsAndTruncates) {
+  multiproc::Writer w;
+  for (int i = 0; i < 10000; ++i) w.write_value(i);
+  ASSERT_EQ(w.size(), 10000 * sizeof(int));
+  int last = 0;
+  std::memcpy(&last, w.data() + w.size() - sizeof(int), sizeof(int));
+  EXPECT_EQ(last, 9999);
+  w.truncate(8);
+  EXPECT_EQ(w.size(), 8u);
+  w.truncate(100);  // never grows
+  EXPECT_EQ(w.size(), 8u);
+  w.clear();
+  EXPECT_EQ(w.size(), 0u);
+}
+
+TEST(CodecTest, DecodeIntoExistingContainersReplacesTheirContents) {
+  const Bytes bytes = to_bytes(std::map<int, int>{{1, 1}});
+  std::map<int, int> m{{5, 5}, {6, 6}};
+  multiproc::Reader r(bytes);
+  multiproc::decode(r, m);
+  EXPECT_EQ(m, (std::map<int, int>{{1, 1}}));
+  std::vector<std::string> v{"old", "old"};
+  const Bytes vb = to_bytes(std::vector<std::string>{"new"});
+  multiproc::Reader vr(vb);
+  multiproc::decode(vr, v);
+  EXPECT_EQ(v, std::vector<std::string>{"new"});
+}
+
+// ---- corrupt input ------------------------------------------------------------------------------
+
+template <class T>
+void expect_every_strict_prefix_throws(const T& value) {
+  const Bytes bytes = to_bytes(value);
+  ASSERT_GT(bytes.size(), 0u);
+  for (std::size_t n = 0; n < bytes.size(); ++n) {
+    // A fresh allocation of exactly n bytes, so ASan sees any read past the prefix.
+    std::unique_ptr<std::byte[]> prefix(new std::byte[n == 0 ? 1 : n]);
+    if (n) std::memcpy(prefix.get(), bytes.data(), n);
+    EXPECT_THROW((void)from_bytes<T>(std::span<const std::byte>(prefix.get(), n)), SerializationError)
+        << "prefix of " << n << " of " << bytes.size() << " bytes";
+  }
+  EXPECT_EQ(from_bytes<T>(bytes), value);
+}
+
+TEST(CodecTest, EveryTruncationOfANestedValueThrowsSerializationError) {
+  expect_every_strict_prefix_throws(sample_nested());
+}
+
+TEST(CodecTest, EveryTruncationOfCerealTypesThrowsSerializationError) {
+  Team t;
+  t.title = "t";
+  t.active = true;
+  t.members = {sample_person(1)};
+  t.temperature = Celsius(2.0);
+  expect_every_strict_prefix_throws(t);
+  expect_every_strict_prefix_throws(std::vector<Person>{sample_person(7), sample_person(8)});
+}
+
+TEST(CodecTest, EveryTruncationOfAMixedValueThrowsSerializationError) {
+  expect_every_strict_prefix_throws(sample_corruptible());
+}
+
+TEST(CodecTest, TrailingBytesThrow) {
+  Bytes bytes = to_bytes(sample_nested());
+  bytes.push_back(std::byte{0});
+  EXPECT_THROW((void)from_bytes<Nested>(bytes), SerializationError);
+  Bytes one = to_bytes(7);
+  one.push_back(std::byte{7});
+  EXPECT_THROW((void)from_bytes<int>(one), SerializationError);
+  Bytes cer = to_bytes(sample_person(1));
+  cer.push_back(std::byte{0});
+  EXPECT_THROW((void)from_bytes<Person>(cer), SerializationError);
+}
+
+TEST(CodecTest, EmptyInputThrows) {
+  EXPECT_THROW((void)from_bytes<int>({}), SerializationError);
+  EXPECT_THROW((void)from_bytes<std::string>({}), SerializationError);
+  EXPECT_THROW((void)from_bytes<Person>({}), SerializationError);
+  EXPECT_NO_THROW((void)from_bytes<std::monostate>({}));
+}
+
+TEST(CodecTest, BoolByteOfTwoThrows) {
+  EXPECT_THROW((void)from_bytes<bool>(Bytes{std::byte{2}}), SerializationError);
+  EXPECT_THROW((void)from_bytes<bool>(Bytes{std::byte{0xFF}}), SerializationError);
+  // Inside an optional's flag, a vector<bool>, and a cereal type's bool member.
+  EXPECT_THROW((void)from_bytes<std::optional<int>>(Bytes{std::byte{2}, {}, {}, {}, {}}), SerializationError);
+  Bytes vb = to_bytes(std::vector<bool>{true, false});
+  vb.back() = std::byte{2};
+  EXPECT_THROW((void)from_bytes<std::vector<bool>>(vb), SerializationError);
+  Team t;
+  t.title = "";
+  t.active = true;
+  Bytes tb = to_bytes(t);
+  ASSERT_EQ(tb[8], std::byte{1});  // the title's length, then `active`
+  tb[8] = std::byte{2};
+  EXPECT_THROW((void)from_bytes<Team>(tb), SerializationError);
+}
+
+TEST(CodecTest, VariantIndexOutOfRangeThrows) {
+  using V = std::variant<int, std::string>;
+  Bytes bytes = to_bytes(V{5});
+  for (std::uint32_t bad : {2u, 3u, 0xFFFFFFFFu, 0x80000000u}) {
+    std::memcpy(bytes.data(), &bad, sizeof bad);
+    EXPECT_THROW((void)from_bytes<V>(bytes), SerializationError) << bad;
+  }
+}
+
+TEST(CodecTest, VariantIndexOutOfRangeInsideCerealTypeThrows) {
+  Person p = sample_person(2);  // id holds the string alternative
+  const Bytes bytes = to_bytes(p);
+  // cereal writes the variant as an int32 index, then the alternative: here "id-2" with its
+  // 8-byte length. Find the string's bytes and step back over both.
+  const std::string needle = "id-2";
+  auto it = std::search(bytes.begin(), bytes.end(), reinterpret_cast<const std::byte*>(needle.data()),
+                        reinterpret_cast<const std::byte*>(needle.data()) + needle.size());
+  ASSERT_NE(it, bytes.end());
+  const std::size_t index_at = static_cast<std::size_t>(it - bytes.begin()) - 8 - 4;
+  std::int32_t index = 0;
+  std::memcpy(&index, bytes.data() + index_at, 4);
+  ASSERT_EQ(index, 1);
+  for (std::int32_t bad : {2, 100, -1, std::numeric_limits<std::int32_t>::min()}) {
+    Bytes corrupt = bytes;
+    std::memcpy(corrupt.data() + index_at, &bad, 4);
+    EXPECT_THROW((void)from_bytes<Person>(corrupt), SerializationError) << bad;
+  }
+}
+
+template <class T>
+void expect_huge_length_throws_without_allocating(const T& value, std::size_t length_offset) {
+  for (std::uint64_t huge :
+       {std::uint64_t{1} << 63, std::uint64_t{0xFFFFFFFF}, ~std::uint64_t{0}, std::uint64_t{1} << 40}) {
+    Bytes bytes = to_bytes(value);
+    ASSERT_GE(bytes.size(), length_offset + 8);
+    std::memcpy(bytes.data() + length_offset, &huge, sizeof huge);
+    g_largest_allocation = 0;
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_THROW((void)from_bytes<T>(bytes), SerializationError) << huge;
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_LT(took, std::chrono::milliseconds(100)) << huge;
+    // The error message is the biggest thing the decoder may allocate.
+    EXPECT_LT(g_largest_allocation.load(), 4096u) << huge;
+  }
+}
+
+TEST(CodecTest, HugeLengthFieldThrowsWithoutAllocating) {
+  expect_huge_length_throws_without_allocating(std::string("abc"), 0);
+  expect_huge_length_throws_without_allocating(std::vector<int>{1, 2, 3}, 0);
+  expect_huge_length_throws_without_allocating(std::vector<std::string>{"a", "b"}, 0);
+  expect_huge_length_throws_without_allocating(std::vector<bool>{true}, 0);
+  expect_huge_length_throws_without_allocating(std::vector<std::optional<int>>{1}, 0);
+  expect_huge_length_throws_without_allocating(std::deque<int>{1}, 0);
+  expect_huge_length_throws_without_allocating(std::list<std::string>{"x"}, 0);
+  expect_huge_length_throws_without_allocating(std::map<int, std::string>{{1, "a"}}, 0);
+  expect_huge_length_throws_without_allocating(std::unordered_map<int, int>{{1, 1}}, 0);
+  expect_huge_length_throws_without_allocating(std::set<std::string>{"q"}, 0);
+  expect_huge_length_throws_without_allocating(std::unordered_set<int>{1}, 0);
+  expect_huge_length_throws_without_allocating(std::vector<Person>{Person{}}, 0);
+  // Nested: the inner vector's length, after "alpha"'s 8 + 5 bytes and the outer count.
+  Nested n;
+  n["alpha"] = {1, 2};
+  expect_huge_length_throws_without_allocating(n, 8 + 8 + 5);
+  // Inside cereal types: Person's name is its first field.
+  expect_huge_length_throws_without_allocating(sample_person(1), 0);
+  Person p;
+  p.name = "";
+  p.tags = {"t"};
+  expect_huge_length_throws_without_allocating(p, 8 + 4);  // name's length, age, then the tag count
+}
+
+// A value for the fuzz loop: every decode either succeeds or throws SerializationError; anything
+// else (another exception, a crash, an ASan report) fails.
+TEST(CodecTest, RandomMutationsDecodeOrThrowSerializationError) {
+  const Bytes original = to_bytes(sample_corruptible());
+  std::mt19937_64 rng(20240611);
+  int decoded = 0;
+  int rejected = 0;
+  for (int round = 0; round < 10000; ++round) {
+    Bytes bytes = original;
+    const int kind = static_cast<int>(rng() % 8);
+    const int flips = 1 + static_cast<int>(rng() % 4);
+    for (int f = 0; f < flips; ++f) {
+      const std::size_t at = rng() % bytes.size();
+      switch (kind) {
+        case 0:  // one random byte
+          bytes[at] = static_cast<std::byte>(rng());
+          break;
+        case 1:  // one bit
+          bytes[at] ^= static_cast<std::byte>(1u << (rng() % 8));
+          break;
+        case 2: {  // a length-like field: 8 random bytes, or a small number
+          const std::uint64_t v = rng() % 2 ? rng() : rng() % 64;
+          if (at + 8 <= bytes.size()) std::memcpy(bytes.data() + at, &v, 8);
+          break;
+        }
+        case 3:  // 0xFF runs
+          for (std::size_t i = at; i < std::min(bytes.size(), at + 8); ++i) bytes[i] = std::byte{0xFF};
+          break;
+        case 4:  // delete a byte
+          if (bytes.size() > 1) bytes.erase(bytes.begin() + static_cast<std::ptrdiff_t>(at));
+          break;
+        case 5:  // insert a byte
+          bytes.insert(bytes.begin() + static_cast<std::ptrdiff_t>(at), static_cast<std::byte>(rng()));
+          break;
+        case 6:  // truncate somewhere
+          bytes.resize(at);
+          break;
+        default:  // small integer overwrite (indices, bools, counts)
+          bytes[at] = static_cast<std::byte>(rng() % 4);
+          break;
+      }
+      if (bytes.empty()) break;
+    }
+    // Exactly sized heap copy so ASan catches any read past the end.
+    std::unique_ptr<std::byte[]> copy(new std::byte[bytes.size() + 1]);
+    std::memcpy(copy.get(), bytes.data(), bytes.size());
+    try {
+      (void)from_bytes<Corruptible>(std::span<const std::byte>(copy.get(), bytes.size()));
+      ++decoded;
+    } catch (const SerializationError&) {
+      ++rejected;
+    }
+  }
+  EXPECT_EQ(decoded + rejected, 10000);
+  EXPECT_GT(rejected, 0);
+}
+
+}  // namespace

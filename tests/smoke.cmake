@@ -1,1 +1,0 @@
-multiproc_add_test(test_smoke SOURCES smoke_test.cpp)

@@ -1,0 +1,203 @@
+// Helpers shared by the tests that fork: stderr capture, /proc inspection, pipes, waiting.
+#pragma once
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+namespace test_support {
+
+using namespace std::chrono_literals;
+
+/// Redirects fd 2 to an anonymous file until finish() (or destruction) restores it.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    std::fflush(stderr);
+    file_ = ::memfd_create("stderr-capture", MFD_CLOEXEC);
+    if (file_ < 0) throw std::runtime_error("memfd_create failed");
+    saved_ = ::dup(STDERR_FILENO);
+    ::dup2(file_, STDERR_FILENO);
+  }
+  StderrCapture(const StderrCapture&) = delete;
+  StderrCapture& operator=(const StderrCapture&) = delete;
+  ~StderrCapture() {
+    restore();
+    ::close(file_);
+  }
+
+  /// Restores stderr and returns everything written to it meanwhile.
+  std::string finish() {
+    restore();
+    std::string out;
+    char buf[4096];
+    ssize_t n;
+    off_t at = 0;
+    while ((n = ::pread(file_, buf, sizeof buf, at)) > 0) {
+      out.append(buf, static_cast<std::size_t>(n));
+      at += n;
+    }
+    return out;
+  }
+
+ private:
+  void restore() {
+    if (saved_ >= 0) {
+      std::fflush(stderr);
+      ::dup2(saved_, STDERR_FILENO);
+      ::close(saved_);
+      saved_ = -1;
+    }
+  }
+  int file_ = -1;
+  int saved_ = -1;
+};
+
+/// A pipe whose ends close on destruction.
+struct Pipe {
+  int read = -1;
+  int write = -1;
+  Pipe() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    read = fds[0];
+    write = fds[1];
+  }
+  Pipe(const Pipe&) = delete;
+  Pipe& operator=(const Pipe&) = delete;
+  ~Pipe() {
+    close_read();
+    close_write();
+  }
+  void close_read() {
+    if (read >= 0) ::close(read);
+    read = -1;
+  }
+  void close_write() {
+    if (write >= 0) ::close(write);
+    write = -1;
+  }
+};
+
+/// Writes a pid (async-signal-safe, usable in any child).
+inline void write_pid(int fd, pid_t pid) noexcept {
+  ssize_t r = ::write(fd, &pid, sizeof pid);
+  (void)r;
+}
+
+/// Reads a pid written by write_pid, waiting at most `timeout`; 0 on EOF or timeout.
+inline pid_t read_pid(int fd, std::chrono::milliseconds timeout = 5000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  pid_t pid = 0;
+  std::size_t got = 0;
+  auto* p = reinterpret_cast<char*>(&pid);
+  while (got < sizeof pid) {
+    const ssize_t n = ::read(fd, p + got, sizeof pid - got);
+    if (n > 0) {
+      got += static_cast<std::size_t>(n);
+    } else if (n == 0) {
+      return 0;
+    } else if (errno != EINTR) {
+      return 0;
+    }
+    if (std::chrono::steady_clock::now() > deadline) return 0;
+  }
+  return pid;
+}
+
+/// Everything readable from `fd` until EOF.
+inline std::string read_all(int fd) {
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<std::size_t>(n));
+    } else if (n == 0 || errno != EINTR) {
+      return out;
+    }
+  }
+}
+
+/// The state letter of /proc/<pid>/stat ('R', 'S', 'Z', ...), or 0 when there is no such process.
+inline char proc_state(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!std::getline(f, stat)) return 0;
+  const auto paren = stat.rfind(')');
+  if (paren == std::string::npos || paren + 2 >= stat.size()) return 0;
+  return stat[paren + 2];
+}
+
+/// True when the process has ended (gone, or a zombie nobody reaped yet).
+inline bool is_dead(pid_t pid) {
+  const char s = proc_state(pid);
+  return s == 0 || s == 'Z' || s == 'X';
+}
+
+/// Waits until is_dead(pid) or the timeout passes.
+inline bool wait_dead(pid_t pid, std::chrono::milliseconds timeout = 2000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!is_dead(pid)) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+/// waitpid(pid) polled with WNOHANG until the timeout; the wait status, or nullopt on timeout.
+inline std::optional<int> wait_exit(pid_t pid, std::chrono::milliseconds timeout = 5000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return status;
+    // ECHILD: not (yet) ours; an orphan reaches a subreaper a moment after its parent dies.
+    if (r < 0 && errno != EINTR && errno != ECHILD) return std::nullopt;
+    if (std::chrono::steady_clock::now() > deadline) return std::nullopt;
+    std::this_thread::sleep_for(2ms);
+  }
+}
+
+/// True when this process has no child left, running or zombie.
+inline bool has_no_children() {
+  errno = 0;
+  return ::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD;
+}
+
+/// The number of open descriptors of this process.
+inline int count_open_fds() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return -1;
+  int n = 0;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  ::closedir(d);
+  return n - 1;  // the directory's own descriptor
+}
+
+/// True when `fd` is an open descriptor of this process.
+inline bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1 || errno != EBADF; }
+
+/// Sleeps in the child until killed (pause(), robust against stray signals).
+[[noreturn]] inline void sleep_forever() noexcept {
+  for (;;) ::pause();
+}
+
+}  // namespace test_support
