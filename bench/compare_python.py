@@ -54,7 +54,7 @@ def multiproc_figures(binary, reps):
     cmd = [binary, f"--benchmark_repetitions={reps}", "--benchmark_report_aggregates_only=true",
            "--benchmark_format=json"]
     data = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    med = {b["run_name"]: b for b in data["benchmarks"] if b.get("aggregate_name") == "median"}
+    med = {b["run_name"].split("/")[0]: b for b in data["benchmarks"] if b.get("aggregate_name") == "median"}
     scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
     apply = med["BM_ApplyRoundTrip"]
     return {
