@@ -87,7 +87,6 @@ std::vector<Piece> Job::take_all() {
 namespace {
 constexpr std::size_t kIdOffset = sizeof(FrameHeader);
 constexpr std::size_t kCountOffset = kIdOffset + sizeof(std::uint64_t);
-constexpr std::size_t kRequestPrefix = kCountOffset + sizeof(std::uint32_t);
 }  // namespace
 
 void begin_chunk(Chunk& c, std::uint64_t invoker_id) {
@@ -229,6 +228,7 @@ struct PoolCore::Impl {
     sys::SharedMapping progress_page;
     std::deque<InFlight> inflight;  // sent, in order; the worker runs them in this order
     std::size_t inflight_bytes = 0;
+    std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
     std::chrono::steady_clock::time_point last_result{};
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
@@ -440,7 +440,8 @@ struct PoolCore::Impl {
     for (std::size_t round = 1; round <= kMaxDepth; ++round) {
       bool queue_empty = false;
       for (auto& w : workers) {
-        if (w.pid == 0 || !w.channel_open || !w.writable || w.inflight.size() >= round || w.depth() < round) {
+        if (w.pid == 0 || !w.channel_open || !w.writable || w.inflight.size() >= round || w.depth() < round ||
+            (max_tasks && w.chunks_sent >= max_tasks)) {
           continue;
         }
         std::optional<Chunk> next;
@@ -464,6 +465,7 @@ struct PoolCore::Impl {
 
   void send_chunk(Worker& w, Chunk chunk) {
     const std::uint64_t seq = next_seq++;
+    ++w.chunks_sent;
     if (w.inflight.empty()) w.last_result = std::chrono::steady_clock::now();
     w.inflight_bytes += chunk.request.size();
     w.inflight.push_back(InFlight{std::move(chunk), seq});

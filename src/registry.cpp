@@ -163,6 +163,10 @@ ExceptionRegistry& exceptions() {
     add_standard<std::range_error>(f);
     add_standard<std::overflow_error>(f);
     add_standard<std::underflow_error>(f);
+    add_standard<ProtocolError>(f);
+    add_standard<SerializationError>(f);
+    add_standard<InvalidArgument>(f);
+    add_standard<StateError>(f);
     f[demangle(typeid(std::bad_alloc).name())] = [](const std::string& type, const std::string& message, pid_t pid) {
       return std::make_exception_ptr(RemoteBadAlloc(type, message, pid));
     };

@@ -77,8 +77,13 @@ namespace detail {
 using ExceptionFactory = std::exception_ptr (*)(const std::string& type, const std::string& message, pid_t pid);
 void register_exception_factory(const std::type_info& type, ExceptionFactory factory);
 
+struct NoErrorBase {};
+
+// Error is a base only when E is not a multiproc::Error already (else it would be ambiguous).
 template <class E>
-class Remote final : public E, public Error, public RemoteErrorInfo {
+class Remote final : public E,
+                     public std::conditional_t<std::is_base_of_v<Error, E>, NoErrorBase, Error>,
+                     public RemoteErrorInfo {
  public:
   Remote(const std::string& type, const std::string& message, pid_t pid)
       : E(message), RemoteErrorInfo(type, message, pid) {}
@@ -122,6 +127,18 @@ class Outcome {
 namespace detail {
 template <class T>
 using stored_t = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+
+/// A range an imap refers to (the caller keeps it alive while iterating).
+template <class R>
+class RangeRef {
+ public:
+  explicit RangeRef(R& r) noexcept : r_(&r) {}
+  auto begin() const { return std::ranges::begin(*r_); }
+  auto end() const { return std::ranges::end(*r_); }
+
+ private:
+  R* r_;
+};
 
 template <class R>
 stored_t<R> decode_single(std::vector<Piece>& pieces) {
@@ -530,13 +547,15 @@ class Pool {
   template <bool Ordered, class F, class R>
   auto make_imap(F&& f, R&& inputs, std::size_t chunksize) {
     using Fn = std::decay_t<F>;
-    using V = std::views::all_t<R>;
+    // An lvalue range is referred to, an rvalue one moved in. (Not std::views::all: clang before
+    // 16 cannot compile libstdc++'s ref_view/owning_view.)
+    using V = std::conditional_t<std::is_lvalue_reference_v<R>, detail::RangeRef<std::remove_reference_t<R>>,
+                                 std::remove_cvref_t<R>>;
     using Item = std::ranges::range_value_t<R>;
     detail::check_sendable<Fn>();
     if (chunksize == 0) throw InvalidArgument("imap: chunksize must be at least 1");
     const std::size_t window = std::max<std::size_t>(static_cast<std::size_t>(processes()) * 8, 32);
-    return ImapRange<V, Fn, Item, false, Ordered>(core(), std::views::all(std::forward<R>(inputs)), Fn(f),
-                                                   chunksize, window);
+    return ImapRange<V, Fn, Item, false, Ordered>(core(), V(std::forward<R>(inputs)), Fn(f), chunksize, window);
   }
 
   std::unique_ptr<detail::PoolCore> core_;

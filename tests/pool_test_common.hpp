@@ -1,0 +1,96 @@
+// Helpers shared by the Pool tests: small task functions, the worker-count parameter, waiting.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <multiproc/multiproc.hpp>
+
+// Clang before 16 cannot compile libstdc++'s range views (std::views::iota, filter, ref_view,
+// owning_view: llvm/llvm-project#52696), and Pool::imap wraps its input in std::views::all. Tests
+// that need views or imap are left out of such builds (the project's TSan build uses clang).
+#if defined(__clang__) && __clang_major__ < 16 && defined(__GLIBCXX__)
+#define POOLTEST_HAVE_VIEWS 0
+#else
+#define POOLTEST_HAVE_VIEWS 1
+#endif
+
+namespace pooltest {
+
+using namespace std::chrono_literals;
+
+inline int square(int x) { return x * x; }
+inline int add(int a, int b) { return a + b; }
+inline pid_t pid_of_worker(int) { return ::getpid(); }
+inline int sleep_ms_then_return(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+
+inline std::vector<int> iota_vector(int n) {
+  std::vector<int> v(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = i;
+  return v;
+}
+
+/// A real segfault: a store through a null pointer. The sanitizers are kept out of it, so that the
+/// worker dies of SIGSEGV rather than of a sanitizer report (fork_process resets their handlers).
+__attribute__((noinline, no_sanitize("address", "undefined"))) inline void segfault_now() {
+  volatile int* volatile p = nullptr;
+  *p = 42;
+}
+
+/// from, from + 1, ..., to - 1.
+inline std::vector<int> range_vector(int from, int to) {
+  std::vector<int> v;
+  for (int i = from; i < to; ++i) v.push_back(i);
+  return v;
+}
+
+inline std::vector<int> squares(int n) {
+  std::vector<int> v;
+  for (int i = 0; i < n; ++i) v.push_back(i * i);
+  return v;
+}
+
+inline bool contains(const std::vector<pid_t>& pids, pid_t pid) {
+  return std::find(pids.begin(), pids.end(), pid) != pids.end();
+}
+
+/// Polls `pred` every few milliseconds until it holds or `timeout` passes.
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+/// Crashing workers must not write core files (slow, and litter the build tree): a limit of 1
+/// byte disables both file and pipe (systemd-coredump, apport) dumps.
+inline void disable_core_dumps() {
+  rlimit r{};
+  ::getrlimit(RLIMIT_CORE, &r);
+  r.rlim_cur = std::min<rlim_t>(1, r.rlim_max);
+  ::setrlimit(RLIMIT_CORE, &r);
+}
+
+/// Test-suite parameter: the number of workers.
+class WorkersTest : public ::testing::TestWithParam<int> {
+ protected:
+  [[nodiscard]] int workers() const { return GetParam(); }
+  [[nodiscard]] multiproc::Pool make_pool() const { return multiproc::Pool{{.processes = GetParam()}}; }
+};
+
+inline std::string workers_name(const ::testing::TestParamInfo<int>& info) { return "w" + std::to_string(info.param); }
+
+}  // namespace pooltest
