@@ -3,12 +3,19 @@
 #include <benchmark/benchmark.h>
 
 #include <multiproc/multiproc.hpp>
-#include <ranges>
+#include <numeric>
+#include <vector>
 
 namespace {
 
 int identity(int x) { return x; }
 int square(int x) { return x * x; }
+
+std::vector<int> iota_vector(int n) {
+  std::vector<int> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
 
 multiproc::Pool& pool() {
   static multiproc::Pool p{{.processes = 2}};
@@ -25,8 +32,9 @@ BENCHMARK(BM_ApplyRoundTrip)->UseRealTime()->MinTime(1.0);
 
 void BM_Map1e6Ints(benchmark::State& state) {
   auto& p = pool();
+  const auto xs = iota_vector(1'000'000);
   for (auto _ : state) {
-    auto ys = p.map(square, std::views::iota(0, 1'000'000));
+    auto ys = p.map(square, xs);
     benchmark::DoNotOptimize(ys.data());
   }
   state.SetItemsProcessed(state.iterations() * 1'000'000);
@@ -36,9 +44,10 @@ BENCHMARK(BM_Map1e6Ints)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(
 void BM_ImapChunksize1(benchmark::State& state) {
   auto& p = pool();
   constexpr int n = 20'000;
+  const auto xs = iota_vector(n);
   for (auto _ : state) {
     long sum = 0;
-    for (int y : p.imap(square, std::views::iota(0, n), 1)) sum += y;
+    for (int y : p.imap(square, xs, 1)) sum += y;
     benchmark::DoNotOptimize(sum);
   }
   state.SetItemsProcessed(state.iterations() * n);

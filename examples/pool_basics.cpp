@@ -16,7 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <multiproc/multiproc.hpp>
-#include <ranges>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -29,14 +29,16 @@ void sleep_seconds(int s) { std::this_thread::sleep_for(std::chrono::seconds(s))
 
 int main() {
   mp::Pool pool{{.processes = 4}};
+  std::vector<int> range10(10);
+  std::iota(range10.begin(), range10.end(), 0);  // Python's range(10)
 
   // print "[0, 1, 4,..., 81]"
   std::printf("[");
-  for (int y : pool.map(f, std::views::iota(0, 10))) std::printf("%d, ", y);
+  for (int y : pool.map(f, range10)) std::printf("%d, ", y);
   std::printf("]\n");
 
   // print same numbers in arbitrary order
-  for (int y : pool.imap_unordered(f, std::views::iota(0, 10))) std::printf("%d\n", y);
+  for (int y : pool.imap_unordered(f, range10)) std::printf("%d\n", y);
 
   // evaluate "f(20)" asynchronously
   auto res = pool.apply_async(f, 20);  // runs in *only* one process

@@ -611,7 +611,7 @@ struct Codec<std::variant<Ts...>> {
  private:
   template <std::size_t... I>
   static void decode_at(Reader& r, V& out, std::uint32_t index, std::index_sequence<I...>) {
-    ((I == index ? (multiproc::decode(r, out.template emplace<I>()), true) : false) || ...);
+    (void)((I == index ? (multiproc::decode(r, out.template emplace<I>()), true) : false) || ...);
   }
 };
 template <class... Ts>
