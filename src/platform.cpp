@@ -8,9 +8,24 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <linux/futex.h>
+#include <time.h>
+
+#if defined(__SANITIZE_THREAD__)
+#define MULTIPROC_PLATFORM_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MULTIPROC_PLATFORM_TSAN 1
+#endif
+#endif
+#if MULTIPROC_PLATFORM_TSAN
+#include <sanitizer/tsan_interface.h>
+#endif
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <mutex>
 #include <new>
@@ -376,6 +391,269 @@ void block_all_signals_in_this_thread() noexcept {
   sigset_t all;
   ::sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
+}
+
+// ---- queues and pipes ---------------------------------------------------------------------
+
+void resize_file(int fd, std::size_t size) {
+  checked("ftruncate", [&] { return ::ftruncate(fd, static_cast<off_t>(size)); });
+}
+
+std::pair<UniqueFd, UniqueFd> pipe_pair() {
+  int fds[2];
+  checked("pipe2", [&] { return ::pipe2(fds, O_CLOEXEC); });
+  return {UniqueFd(fds[0], UniqueFd::Inheritable{}), UniqueFd(fds[1], UniqueFd::Inheritable{})};
+}
+
+UniqueFd open_process_pipe(pid_t pid, int fd, bool write_end) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
+  // A pipe opened by path behaves as a FIFO: without O_NONBLOCK, opening its write end waits for
+  // a reader, forever if the readers are gone. Non-blocking, that case is ENXIO; the descriptor
+  // is made blocking once open.
+  const int flags = (write_end ? O_WRONLY : O_RDONLY) | O_CLOEXEC | O_NONBLOCK;
+  UniqueFd out(checked("open", [&] { return ::open(path.c_str(), flags); }), UniqueFd::Inheritable{});
+  const int fl = checked("fcntl", [&] { return ::fcntl(out.get(), F_GETFL); });
+  checked("fcntl", [&] { return ::fcntl(out.get(), F_SETFL, fl & ~O_NONBLOCK); });
+  return out;
+}
+
+void write_all_pipe(int fd, std::span<const std::byte> data) {
+  // Unlike send(2), write(2) has no MSG_NOSIGNAL: a pipe without readers raises SIGPIPE, whose
+  // default action kills the process. Block it in this thread for the write; if the write failed
+  // with EPIPE, take the signal it raised off the pending set before unblocking (unless the
+  // caller had SIGPIPE blocked already: then it stays pending, as the caller would expect).
+  sigset_t pipe_only;
+  ::sigemptyset(&pipe_only);
+  ::sigaddset(&pipe_only, SIGPIPE);
+  sigset_t old;
+  ::pthread_sigmask(SIG_BLOCK, &pipe_only, &old);
+  int error = 0;
+  while (!data.empty()) {
+    const ssize_t n = checked_noexcept("write", [&] { return ::write(fd, data.data(), data.size()); });
+    if (n < 0) {
+      error = static_cast<int>(-n);
+      break;
+    }
+    data = data.subspan(static_cast<std::size_t>(n));
+  }
+  if (error == EPIPE && !::sigismember(&old, SIGPIPE)) {
+    const timespec zero{0, 0};
+    while (::sigtimedwait(&pipe_only, nullptr, &zero) == -1 && errno == EINTR) {
+    }
+  }
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (error != 0) throw SystemError(error, "write");
+}
+
+std::size_t read_fd_some(int fd, std::span<std::byte> data) {
+  return static_cast<std::size_t>(checked("read", [&] { return ::read(fd, data.data(), data.size()); }));
+}
+
+// ---- process-shared synchronization -----------------------------------------------------------
+
+static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t) &&
+                  std::atomic<std::uint32_t>::is_always_lock_free,
+              "a futex word must be a plain, lock-free 32-bit atomic");
+
+namespace {
+std::uint32_t* futex_address(const std::atomic<std::uint32_t>& word) noexcept {
+  return const_cast<std::uint32_t*>(reinterpret_cast<const std::uint32_t*>(&word));
+}
+}  // namespace
+
+FutexWaitResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
+                           std::chrono::nanoseconds timeout) {
+  timespec ts{};
+  timespec* tsp = nullptr;
+  if (timeout.count() >= 0) {
+    const auto s = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+    ts.tv_sec = static_cast<time_t>(std::min<long long>(s.count(), INT_MAX));
+    ts.tv_nsec = static_cast<long>((timeout - s).count());
+    tsp = &ts;
+  }
+  // Not through checked(): EINTR goes back to the caller, which knows what is left of its time.
+  long r;
+  if (const int e = injected_fault("futex")) {
+    r = -1;
+    errno = e;
+  } else {
+    r = ::syscall(SYS_futex, futex_address(word), FUTEX_WAIT, expected, tsp, nullptr, 0);
+  }
+  if (r == 0) return FutexWaitResult::woken;
+  switch (errno) {
+    case EAGAIN: return FutexWaitResult::value_changed;
+    case ETIMEDOUT: return FutexWaitResult::timed_out;
+    case EINTR: return FutexWaitResult::interrupted;
+    default: throw SystemError(errno, "futex(FUTEX_WAIT)");
+  }
+}
+
+int futex_wake(const std::atomic<std::uint32_t>& word, int n) noexcept {
+  const long r = ::syscall(SYS_futex, futex_address(word), FUTEX_WAKE, n, nullptr, nullptr, 0);
+  if (r < 0) {
+    report_error("futex(FUTEX_WAKE) failed");
+    return 0;
+  }
+  return static_cast<int>(r);
+}
+
+namespace {
+// pthread_mutex_* return the error instead of setting errno; the fault hook stands in for them.
+int mutex_call(const char* name, int (*call)(pthread_mutex_t*), pthread_mutex_t& mutex) {
+  if (const int e = injected_fault(name); e != 0 && e != EINTR) throw SystemError(e, name);
+  return call(&mutex);
+}
+
+MutexLockResult mutex_result(int e, const char* name) {
+  switch (e) {
+    case 0: return MutexLockResult::acquired;
+    case EOWNERDEAD: return MutexLockResult::owner_died;
+    case ENOTRECOVERABLE: return MutexLockResult::not_recoverable;
+    case EBUSY: return MutexLockResult::busy;
+    case ETIMEDOUT: return MutexLockResult::timed_out;
+    case EDEADLK: return MutexLockResult::deadlock;
+    default: throw SystemError(e, name);
+  }
+}
+
+void check_pthread(int e, const char* name) {
+  if (e != 0) throw SystemError(e, name);
+}
+
+// ThreadSanitizer's pthread_mutex_timedlock interceptor (LLVM 14, GCC 12) books the lock only when
+// the call returns 0, although EOWNERDEAD hands the mutex over too (its lock and trylock
+// interceptors know that): without this, the caller's unlock reads as "unlock of an unlocked mutex".
+void tsan_note_locked_by_owner_death([[maybe_unused]] pthread_mutex_t& mutex) noexcept {
+#if MULTIPROC_PLATFORM_TSAN
+  __tsan_mutex_pre_lock(&mutex, __tsan_mutex_try_lock);
+  __tsan_mutex_post_lock(&mutex, __tsan_mutex_try_lock, 0);
+#endif
+}
+}  // namespace
+
+void robust_mutex_init(pthread_mutex_t& mutex, bool recursive) {
+  pthread_mutexattr_t attr;
+  check_pthread(::pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
+  struct Destroy {
+    pthread_mutexattr_t* a;
+    ~Destroy() { ::pthread_mutexattr_destroy(a); }
+  } destroy{&attr};
+  check_pthread(::pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED), "pthread_mutexattr_setpshared");
+  // PTHREAD_MUTEX_ROBUST is an enumerator in glibc: it cannot be tested with #ifdef.
+  check_pthread(::pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST), "pthread_mutexattr_setrobust");
+  check_pthread(::pthread_mutexattr_settype(&attr, recursive ? PTHREAD_MUTEX_RECURSIVE : PTHREAD_MUTEX_ERRORCHECK),
+                "pthread_mutexattr_settype");
+  check_pthread(::pthread_mutex_init(&mutex, &attr), "pthread_mutex_init");
+}
+
+MutexLockResult robust_mutex_lock(pthread_mutex_t& mutex) {
+  return mutex_result(mutex_call("pthread_mutex_lock", ::pthread_mutex_lock, mutex), "pthread_mutex_lock");
+}
+
+MutexLockResult robust_mutex_try_lock(pthread_mutex_t& mutex) {
+  const int e = mutex_call("pthread_mutex_trylock", ::pthread_mutex_trylock, mutex);
+  if (e == ENOTRECOVERABLE) {
+    // glibc's trylock (2.36 at least) takes a not-recoverable robust mutex, finds it unusable and
+    // returns ENOTRECOVERABLE *with the lock word still holding the caller's tid* (it compares the
+    // word's old value, 0, with its tid before unlocking), so every later lock would block forever
+    // on a live "owner". pthread_mutex_lock and _timedlock give the word back; do what they do.
+    const int tid = static_cast<int>(current_tid());
+    const int word = __atomic_load_n(&mutex.__data.__lock, __ATOMIC_RELAXED);
+    if ((word & FUTEX_TID_MASK) == tid) {
+      const int old = __atomic_exchange_n(&mutex.__data.__lock, 0, __ATOMIC_RELEASE);
+      if (old & FUTEX_WAITERS) ::syscall(SYS_futex, &mutex.__data.__lock, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+    }
+  }
+  return mutex_result(e, "pthread_mutex_trylock");
+}
+
+MutexLockResult robust_mutex_lock_until(pthread_mutex_t& mutex, std::chrono::steady_clock::time_point deadline) {
+  using namespace std::chrono;
+  for (;;) {
+    const auto left = deadline - steady_clock::now();
+    if (left <= nanoseconds::zero()) return robust_mutex_try_lock(mutex);
+    const auto slice = duration_cast<nanoseconds>(std::min<steady_clock::duration>(left, milliseconds(100)));
+    timespec at{};
+    ::clock_gettime(CLOCK_REALTIME, &at);
+    long long ns = at.tv_nsec + slice.count();
+    at.tv_sec += static_cast<time_t>(ns / 1'000'000'000);
+    at.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    if (const int e = injected_fault("pthread_mutex_timedlock"); e != 0 && e != EINTR) {
+      throw SystemError(e, "pthread_mutex_timedlock");
+    }
+    const int e = ::pthread_mutex_timedlock(&mutex, &at);
+    if (e == EOWNERDEAD) tsan_note_locked_by_owner_death(mutex);
+    if (e == ETIMEDOUT) {
+      if (steady_clock::now() >= deadline) return MutexLockResult::timed_out;
+      continue;
+    }
+    return mutex_result(e, "pthread_mutex_timedlock");
+  }
+}
+
+int robust_mutex_unlock(pthread_mutex_t& mutex) noexcept { return ::pthread_mutex_unlock(&mutex); }
+
+int robust_mutex_consistent(pthread_mutex_t& mutex) noexcept { return ::pthread_mutex_consistent(&mutex); }
+
+namespace {
+thread_local pid_t t_tid = 0;
+std::atomic<pid_t> g_pid{0};
+
+void forget_ids_in_child() noexcept {
+  // Runs in the child's only thread, the one that called fork: its cached tid is the parent's.
+  t_tid = 0;
+  g_pid.store(0, std::memory_order_relaxed);
+}
+
+void register_id_reset() noexcept {
+  static const bool registered = ::pthread_atfork(nullptr, nullptr, forget_ids_in_child) == 0;
+  (void)registered;
+}
+}  // namespace
+
+pid_t current_tid() noexcept {
+  if (t_tid == 0) {
+    register_id_reset();
+    t_tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  }
+  return t_tid;
+}
+
+pid_t current_pid() noexcept {
+  pid_t pid = g_pid.load(std::memory_order_relaxed);
+  if (pid == 0) {
+    register_id_reset();
+    pid = ::getpid();
+    g_pid.store(pid, std::memory_order_relaxed);
+  }
+  return pid;
+}
+
+std::uint64_t process_start_time(pid_t pid) noexcept {
+  if (pid <= 0) return 0;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  const int fd = checked_noexcept("open", [&] { return ::open(path, O_RDONLY | O_CLOEXEC); });
+  if (fd < 0) return 0;
+  char buf[1024];
+  const ssize_t n = checked_noexcept("read", [&] { return ::read(fd, buf, sizeof buf - 1); });
+  close_fd(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  // "pid (comm) S ...": comm may hold spaces and parentheses, so fields count from the last ')'.
+  const char* p = std::strrchr(buf, ')');
+  if (!p || p[1] != ' ') return 0;
+  p += 2;
+  if (*p == 'Z' || *p == 'X' || *p == 'x') return 0;
+  // The state is field 3; the start time is field 22.
+  for (int field = 3; field < 22; ++field) {
+    p = std::strchr(p, ' ');
+    if (!p) return 0;
+    ++p;
+  }
+  std::uint64_t t = 0;
+  for (; *p >= '0' && *p <= '9'; ++p) t = t * 10 + static_cast<std::uint64_t>(*p - '0');
+  return t;
 }
 
 }  // namespace multiproc::detail::sys

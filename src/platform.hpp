@@ -5,8 +5,9 @@
 // call, and tests can make any named call fail through `set_fault_hook()`.
 #pragma once
 
-#include <signal.h>
 #include <poll.h>
+#include <signal.h>
+#include <pthread.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -268,5 +269,76 @@ pid_t fork_process(const ForkOptions& options, F&& child_main) {
   detail_fork::parent_after_fork(old_mask, pid, options.new_process_group);
   return pid;
 }
+
+// ---- process-shared synchronization (sync.cpp) ----------------------------------------------
+
+/// What futex_wait saw.
+enum class FutexWaitResult {
+  woken,          ///< a futex_wake reached this waiter
+  value_changed,  ///< the word no longer held `expected` when the call began (EAGAIN)
+  timed_out,
+  interrupted,    ///< a signal (EINTR): the caller recomputes its timeout and decides
+};
+/// FUTEX_WAIT on a 32-bit word that processes share: a shared futex (never FUTEX_PRIVATE_FLAG),
+/// keyed by the memory it lives in, so every process's mapping of a memfd reaches the same one.
+/// Sleeps while `word` holds `expected`, at most `timeout` (negative: no limit). EINTR is not
+/// retried: the caller recomputes what is left of its timeout.
+FutexWaitResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
+                           std::chrono::nanoseconds timeout);
+/// FUTEX_WAKE: wakes at most `n` sleepers on `word`, in any process; returns how many woke.
+int futex_wake(const std::atomic<std::uint32_t>& word, int n) noexcept;
+
+/// The outcome of locking a robust, process-shared pthread mutex.
+enum class MutexLockResult {
+  acquired,
+  owner_died,       ///< EOWNERDEAD: acquired, but the previous owner died holding it
+  not_recoverable,  ///< ENOTRECOVERABLE: released while inconsistent; nobody can lock it again
+  busy,             ///< try: held (for an error-checking mutex, by the caller too)
+  timed_out,
+  deadlock,         ///< EDEADLK: an error-checking mutex that the calling thread holds already
+};
+/// Initializes a mutex in shared memory as PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST,
+/// recursive or error-checking.
+void robust_mutex_init(pthread_mutex_t& mutex, bool recursive);
+MutexLockResult robust_mutex_lock(pthread_mutex_t& mutex);
+MutexLockResult robust_mutex_try_lock(pthread_mutex_t& mutex);
+/// Waits until `deadline` at most. pthread_mutex_timedlock takes a CLOCK_REALTIME deadline (and
+/// pthread_mutex_clocklock is unknown to ThreadSanitizer), so the wait goes in slices of at most
+/// 100 ms, each recomputed from the steady clock: a wall-clock jump stretches one slice, not the
+/// wait.
+MutexLockResult robust_mutex_lock_until(pthread_mutex_t& mutex, std::chrono::steady_clock::time_point deadline);
+/// 0, or the error: EPERM when the calling thread does not hold it.
+int robust_mutex_unlock(pthread_mutex_t& mutex) noexcept;
+/// pthread_mutex_consistent: 0, or EINVAL when the mutex is not inconsistent.
+int robust_mutex_consistent(pthread_mutex_t& mutex) noexcept;
+
+/// The calling thread's kernel id (gettid), cached per thread; a child forked by fork(2) sees its
+/// own (pthread_atfork resets the cache).
+pid_t current_tid() noexcept;
+/// getpid(), cached the same way.
+pid_t current_pid() noexcept;
+/// The start time of a process in clock ticks after boot (field 22 of /proc/<pid>/stat): with
+/// the pid, an identity that pid reuse cannot fake. 0 when there is no such process or it has
+/// ended (a zombie has ended).
+std::uint64_t process_start_time(pid_t pid) noexcept;
+
+// ---- queues and pipes ---------------------------------------------------------------------
+
+/// Grows (or shrinks) the file behind `fd` to `size` bytes (ftruncate).
+void resize_file(int fd, std::size_t size);
+
+/// A pipe (close-on-exec, not registered: forked children inherit both ends): {read, write}.
+std::pair<UniqueFd, UniqueFd> pipe_pair();
+/// Opens one end of another process's pipe through /proc/<pid>/fd/<fd>: a new descriptor of the
+/// same pipe, read-only or write-only as asked, blocking. Opening the write end of a pipe that
+/// has no reader left fails with SystemError(ENXIO) instead of waiting.
+UniqueFd open_process_pipe(pid_t pid, int fd, bool write_end);
+/// Writes all of `data` to a pipe. A pipe with no reader left fails with SystemError(EPIPE); the
+/// SIGPIPE the kernel raises for it is blocked in this thread during the write and consumed, so it
+/// never kills the process.
+void write_all_pipe(int fd, std::span<const std::byte> data);
+/// read(2) of what is there, at least one byte (blocking until then), at most `data.size()`.
+/// Returns 0 on EOF.
+std::size_t read_fd_some(int fd, std::span<std::byte> data);
 
 }  // namespace multiproc::detail::sys

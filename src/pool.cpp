@@ -15,6 +15,7 @@
 #include "multiproc/pool.hpp"
 
 #include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -240,6 +241,7 @@ struct PoolCore::Impl {
 
   // Immutable after construction.
   int processes = 0;
+  pid_t owner = sys::current_pid();  // a forked child's copy of the pool has no supervisor: it must not act
   std::function<void()> initializer;
   std::size_t max_tasks = 0;
   std::size_t max_payload = 0;
@@ -699,17 +701,39 @@ struct PoolCore::Impl {
 
 PoolCore::PoolCore(const PoolOptions& options) : impl_(std::make_unique<Impl>(options)) {}
 
-PoolCore::~PoolCore() { terminate(); }
+namespace {
+// A child forked from a process that owns a pool (a Process target, say) has a copy of the pool's
+// memory but not its supervisor thread or its workers: using it would wait forever.
+void check_owner(const PoolCore::Impl& impl) {
+  if (impl.owner != sys::current_pid()) {
+    throw StateError("this Pool belongs to process " + std::to_string(impl.owner) +
+                     "; a forked child cannot use its parent's pool (make its own)");
+  }
+}
+}  // namespace
 
-void PoolCore::submit(std::vector<Chunk> chunks) { impl_->submit(chunks); }
+PoolCore::~PoolCore() {
+  if (impl_->owner != sys::current_pid()) {
+    // The copy inherited by a forked child: its thread and workers are the parent's. Leave it.
+    (void)impl_.release();
+    return;
+  }
+  terminate();
+}
+
+void PoolCore::submit(std::vector<Chunk> chunks) {
+  check_owner(*impl_);
+  impl_->submit(chunks);
+}
 
 void PoolCore::submit(Chunk chunk) {
   std::vector<Chunk> one;
   one.push_back(std::move(chunk));
-  impl_->submit(one);
+  submit(std::move(one));
 }
 
 void PoolCore::close() {
+  check_owner(*impl_);
   {
     std::lock_guard lock(impl_->mutex);
     impl_->closing = true;
@@ -718,6 +742,7 @@ void PoolCore::close() {
 }
 
 void PoolCore::terminate() noexcept {
+  if (impl_->owner != sys::current_pid()) return;
   {
     std::lock_guard lock(impl_->mutex);
     impl_->terminating = true;
@@ -732,6 +757,7 @@ void PoolCore::terminate() noexcept {
 }
 
 void PoolCore::join() {
+  check_owner(*impl_);
   {
     std::lock_guard lock(impl_->mutex);
     if (!impl_->closing && !impl_->terminating) throw StateError("Pool::join() needs close() or terminate() first");

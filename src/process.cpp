@@ -69,12 +69,12 @@ namespace {
 struct Children {
   std::mutex mutex;
   std::vector<std::shared_ptr<ProcessState>> live;
-  pid_t owner = ::getpid();
+  pid_t owner = sys::current_pid();
 };
 
 Children& children() {
   static Children* c = new Children;  // never destroyed: used by the atexit handler
-  if (c->owner != ::getpid()) {
+  if (c->owner != sys::current_pid()) {
     // Inherited through fork (ours or anyone's): the parent's list, and perhaps its locked mutex,
     // are not ours. The old storage is left behind on purpose: destroying it would act on the
     // parent's children.

@@ -12,6 +12,7 @@
 
 #include "multiproc/detail/task.hpp"
 #include "multiproc/pool.hpp"
+#include "platform.hpp"
 
 namespace multiproc::detail {
 
@@ -197,7 +198,7 @@ void encode_current_exception(Writer& w) noexcept {
     w.write_value(static_cast<std::uint8_t>(OutcomeTag::exception));
     encode(w, type);
     encode(w, message);
-    w.write_value(static_cast<std::int32_t>(::getpid()));
+    w.write_value(static_cast<std::int32_t>(sys::current_pid()));
   } catch (...) {
     // Out of memory while describing the error: say so in the fewest bytes.
     w.truncate(mark);
@@ -205,7 +206,7 @@ void encode_current_exception(Writer& w) noexcept {
       w.write_value(static_cast<std::uint8_t>(OutcomeTag::exception));
       encode(w, std::string("std::bad_alloc"));
       encode(w, std::string());
-      w.write_value(static_cast<std::int32_t>(::getpid()));
+      w.write_value(static_cast<std::int32_t>(sys::current_pid()));
     } catch (...) {
       std::abort();  // no memory at all: the parent sees a crash of this worker
     }

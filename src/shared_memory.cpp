@@ -68,7 +68,7 @@ void SharedMemory::encode_handle(Writer& w) const {
     return;
   }
   w.write_value(std::uint8_t{2});
-  w.write_value(static_cast<std::int32_t>(::getpid()));
+  w.write_value(static_cast<std::int32_t>(detail::sys::current_pid()));
   w.write_value(static_cast<std::int32_t>(seg_->fd.get()));
 }
 
@@ -80,7 +80,7 @@ SharedMemory SharedMemory::decode_handle(Reader& r) {
       const auto pid = r.read_value<std::int32_t>();
       const auto fd = r.read_value<std::int32_t>();
       if (pid <= 0 || fd < 0) throw SerializationError("corrupt shared memory handle");
-      if (pid == ::getpid()) {
+      if (pid == detail::sys::current_pid()) {
         // Our own segment (or one inherited through fork): a descriptor of ours.
         return SharedMemory(detail::map_segment(detail::sys::dup_inheritable(fd), {}));
       }

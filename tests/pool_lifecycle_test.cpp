@@ -343,3 +343,22 @@ TEST(PoolMove, MoveAssignmentTerminatesTheOldPool) {
 
 }  // namespace
 }  // namespace pooltest
+
+// A forked child has a copy of its parent's pool but neither its supervisor thread nor its
+// workers: using it must fail at once with StateError instead of waiting forever, and the child's
+// exit must not touch the parent's workers.
+TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
+  multiproc::Pool pool{{.processes = 1}};
+  multiproc::Process child{[&pool] {
+    try {
+      (void)pool.apply(pooltest::square, 3);
+    } catch (const multiproc::StateError&) {
+      std::exit(7);  // runs static destructors and atexit handlers: the pool copy must stay inert
+    }
+    std::_Exit(1);
+  }};
+  child.start();
+  child.join();
+  EXPECT_EQ(child.exit_status(), multiproc::ExitStatus::exited_with(7));
+  EXPECT_EQ(pool.apply(pooltest::square, 4), 16);  // the parent's pool is untouched
+}

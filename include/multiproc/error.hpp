@@ -146,9 +146,60 @@ class Timeout : public detail::BasicError<std::runtime_error> {
   using BasicError::BasicError;
 };
 
+// ---- errors of queues and pipes ---------------------------------------------------------------
+
+/// Queue::put with a timeout found no room in time (the queue stayed at its maxsize). Python's
+/// queue.Full.
+class Full : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
+/// Queue::get with a timeout found no item in time. Python's queue.Empty.
+class Empty : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
+/// Connection::recv found the end of the stream: every other holder of the other end closed it or
+/// died, and no message is left (or the last one was cut off by its sender's death). Python's
+/// EOFError.
+class EOFError : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
 /// The pool's initializer threw in a worker: no task can run, so every task fails with this
 /// (instead of workers being restarted forever, as in Python).
 class InitializerError : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
+// ---- errors of the synchronization objects (sync.hpp) -----------------------------------------
+
+/// A thread died holding a Lock or RLock (its process was killed, or exited). The caller now holds
+/// the lock; what it guards may be half-updated. Repair it, call make_consistent(), and go on; a
+/// release without make_consistent() makes the lock unusable (LockNotRecoverable).
+class OwnerDied : public detail::BasicError<std::runtime_error> {
+ public:
+  OwnerDied(const std::string& message, pid_t owner_pid) : BasicError(message), owner_pid_(owner_pid) {}
+  /// The process whose thread died holding the lock (0 if unknown).
+  [[nodiscard]] pid_t owner_pid() const noexcept { return owner_pid_; }
+
+ private:
+  pid_t owner_pid_;
+};
+
+/// A lock whose owner died was released without make_consistent(): nobody can acquire it again.
+class LockNotRecoverable : public StateError {
+ public:
+  using StateError::StateError;
+};
+
+/// A Barrier was broken (abort(), reset() while parties waited, a wait_for that timed out, or a
+/// waiting party that died) while this party waited or arrived. Python's BrokenBarrierError.
+class BrokenBarrier : public detail::BasicError<std::runtime_error> {
  public:
   using BasicError::BasicError;
 };
