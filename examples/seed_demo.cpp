@@ -103,7 +103,8 @@ int main(int argc, char** argv) {
   std::size_t size = 10'000'000;
   int processes = mp::cpu_count();
   bool crash = true;
-  app.add_option("-n,--size", size, "number of input integers")->check(CLI::Range(std::size_t{1}, std::size_t{1} << 31));
+  app.add_option("-n,--size", size, "number of input integers")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 31));
   app.add_option("-p,--processes", processes, "pool size")->check(CLI::PositiveNumber);
   app.add_flag("!--no-crash", crash, "skip the crash demonstration");
   CLI11_PARSE(app, argc, argv);
@@ -129,8 +130,8 @@ int main(int argc, char** argv) {
 
   // 2. One Process per computation: the child inherits the input through fork, and writes its
   // one number into memory shared with the parent.
-  auto* shared = static_cast<double*>(::mmap(nullptr, sizeof(double) * n, PROT_READ | PROT_WRITE,
-                                             MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  auto* shared = static_cast<double*>(
+      ::mmap(nullptr, sizeof(double) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   if (shared == MAP_FAILED) throw std::bad_alloc();
   t0 = std::chrono::steady_clock::now();
   std::vector<mp::Process> children;
@@ -153,8 +154,8 @@ int main(int argc, char** argv) {
   mp::Pool pool{{.processes = processes}};
   const double pool_start = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
-  auto [mean, hist, median, primes] = pool.invoke_all(input, compute_mean_stddev, compute_histogram_peak,
-                                                      compute_sorted_median, count_primes);
+  auto [mean, hist, median, primes] =
+      pool.invoke_all(input, compute_mean_stddev, compute_histogram_peak, compute_sorted_median, count_primes);
   const double invoke_all = seconds_since(t0);
   const double pool_results[n] = {mean, hist, median, primes};
   for (std::size_t i = 0; i < n; ++i) {

@@ -26,8 +26,8 @@ std::size_t Reader::read_length(std::size_t min_element_size) {
     return static_cast<std::size_t>(n);
   }
   if (n > remaining() / min_element_size) {
-    throw SerializationError("length field " + std::to_string(n) + " exceeds the " +
-                             std::to_string(remaining()) + " bytes left in the input");
+    throw SerializationError("length field " + std::to_string(n) + " exceeds the " + std::to_string(remaining()) +
+                             " bytes left in the input");
   }
   return static_cast<std::size_t>(n);
 }

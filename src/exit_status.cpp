@@ -8,9 +8,12 @@ namespace multiproc {
 
 ExitStatus ExitStatus::from_siginfo(int code, int status) noexcept {
   switch (code) {
-    case CLD_EXITED: return exited_with(status);
-    case CLD_DUMPED: return killed_by(status, true);
-    default: return killed_by(status, false);  // CLD_KILLED
+    case CLD_EXITED:
+      return exited_with(status);
+    case CLD_DUMPED:
+      return killed_by(status, true);
+    default:
+      return killed_by(status, false);  // CLD_KILLED
   }
 }
 

@@ -1,14 +1,14 @@
 #include "platform.hpp"
 
-#include <poll.h>
 #include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
 #include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
-#include <linux/futex.h>
 #include <time.h>
 
 #if defined(__SANITIZE_THREAD__)
@@ -237,7 +237,8 @@ bool send_signal(pid_t pid, int sig, bool group) {
 }
 
 UniqueFd memfd(const char* debug_name, std::size_t size) {
-  UniqueFd fd(checked("memfd_create", [&] { return ::memfd_create(debug_name, MFD_CLOEXEC); }), UniqueFd::Inheritable{});
+  UniqueFd fd(checked("memfd_create", [&] { return ::memfd_create(debug_name, MFD_CLOEXEC); }),
+              UniqueFd::Inheritable{});
   checked("ftruncate", [&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); });
   return fd;
 }
@@ -481,10 +482,14 @@ FutexWaitResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t
   }
   if (r == 0) return FutexWaitResult::woken;
   switch (errno) {
-    case EAGAIN: return FutexWaitResult::value_changed;
-    case ETIMEDOUT: return FutexWaitResult::timed_out;
-    case EINTR: return FutexWaitResult::interrupted;
-    default: throw SystemError(errno, "futex(FUTEX_WAIT)");
+    case EAGAIN:
+      return FutexWaitResult::value_changed;
+    case ETIMEDOUT:
+      return FutexWaitResult::timed_out;
+    case EINTR:
+      return FutexWaitResult::interrupted;
+    default:
+      throw SystemError(errno, "futex(FUTEX_WAIT)");
   }
 }
 
@@ -506,13 +511,20 @@ int mutex_call(const char* name, int (*call)(pthread_mutex_t*), pthread_mutex_t&
 
 MutexLockResult mutex_result(int e, const char* name) {
   switch (e) {
-    case 0: return MutexLockResult::acquired;
-    case EOWNERDEAD: return MutexLockResult::owner_died;
-    case ENOTRECOVERABLE: return MutexLockResult::not_recoverable;
-    case EBUSY: return MutexLockResult::busy;
-    case ETIMEDOUT: return MutexLockResult::timed_out;
-    case EDEADLK: return MutexLockResult::deadlock;
-    default: throw SystemError(e, name);
+    case 0:
+      return MutexLockResult::acquired;
+    case EOWNERDEAD:
+      return MutexLockResult::owner_died;
+    case ENOTRECOVERABLE:
+      return MutexLockResult::not_recoverable;
+    case EBUSY:
+      return MutexLockResult::busy;
+    case ETIMEDOUT:
+      return MutexLockResult::timed_out;
+    case EDEADLK:
+      return MutexLockResult::deadlock;
+    default:
+      throw SystemError(e, name);
   }
 }
 

@@ -6,8 +6,8 @@
 #pragma once
 
 #include <poll.h>
-#include <signal.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -124,10 +124,10 @@ std::size_t registered_fd_count() noexcept;
 // ---- processes --------------------------------------------------------------------------
 
 struct ForkOptions {
-  bool new_process_group = true;  // so a kill reaches the child's own children too
-  bool die_with_parent = true;    // PR_SET_PDEATHSIG(SIGKILL) plus a getppid() re-check
-  std::span<const int> keep_fds;  // registered descriptors the child keeps
-  bool clear_signal_mask = false; // the child starts with no signal blocked instead of the caller's mask
+  bool new_process_group = true;   // so a kill reaches the child's own children too
+  bool die_with_parent = true;     // PR_SET_PDEATHSIG(SIGKILL) plus a getppid() re-check
+  std::span<const int> keep_fds;   // registered descriptors the child keeps
+  bool clear_signal_mask = false;  // the child starts with no signal blocked instead of the caller's mask
 };
 
 /// Forks. In the child, before `child_main` runs: caught signal handlers are reset to their
@@ -226,7 +226,8 @@ class SharedMapping {
  public:
   SharedMapping() noexcept = default;
   explicit SharedMapping(std::size_t size);
-  SharedMapping(SharedMapping&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  SharedMapping(SharedMapping&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   SharedMapping& operator=(SharedMapping&& o) noexcept {
     if (this != &o) {
       reset();
@@ -277,7 +278,7 @@ enum class FutexWaitResult {
   woken,          ///< a futex_wake reached this waiter
   value_changed,  ///< the word no longer held `expected` when the call began (EAGAIN)
   timed_out,
-  interrupted,    ///< a signal (EINTR): the caller recomputes its timeout and decides
+  interrupted,  ///< a signal (EINTR): the caller recomputes its timeout and decides
 };
 /// FUTEX_WAIT on a 32-bit word that processes share: a shared futex (never FUTEX_PRIVATE_FLAG),
 /// keyed by the memory it lives in, so every process's mapping of a memfd reaches the same one.
@@ -295,7 +296,7 @@ enum class MutexLockResult {
   not_recoverable,  ///< ENOTRECOVERABLE: released while inconsistent; nobody can lock it again
   busy,             ///< try: held (for an error-checking mutex, by the caller too)
   timed_out,
-  deadlock,         ///< EDEADLK: an error-checking mutex that the calling thread holds already
+  deadlock,  ///< EDEADLK: an error-checking mutex that the calling thread holds already
 };
 /// Initializes a mutex in shared memory as PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST,
 /// recursive or error-checking.

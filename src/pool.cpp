@@ -178,7 +178,8 @@ struct WorkerConfig {
     std::size_t done = 0;
     FrameHeader h{};
     while (channel.recv(h, in)) {
-      if (h.tag != static_cast<std::uint16_t>(FrameTag::task)) throw ProtocolError("worker got a frame that is not a task");
+      if (h.tag != static_cast<std::uint16_t>(FrameTag::task))
+        throw ProtocolError("worker got a frame that is not a task");
       Reader r(in.bytes());
       Channel::begin_frame(out);
       progress->item.store(0, std::memory_order_relaxed);
@@ -414,7 +415,8 @@ struct PoolCore::Impl {
           try {
             spawn(w);
           } catch (const std::exception& e) {
-            if (live_workers() == 0) fail_queue(PoolErrorKind::system, std::string("cannot start a worker: ") + e.what());
+            if (live_workers() == 0)
+              fail_queue(PoolErrorKind::system, std::string("cannot start a worker: ") + e.what());
           }
         }
       }
@@ -684,7 +686,8 @@ struct PoolCore::Impl {
         sys::wait_child(w.pid, w.pidfd.get(), false);
       } catch (...) {
       }
-      for (auto& f : w.inflight) fail_chunk(f.chunk, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
+      for (auto& f : w.inflight)
+        fail_chunk(f.chunk, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
       w = Worker{};
     }
     std::lock_guard lock(mutex);

@@ -46,8 +46,8 @@ struct ProcessState {
       fd = pidfd.get();
     }
     if (fd >= 0) {
-      const auto ms = timeout.count() < 0 ? std::chrono::milliseconds(-1)
-                                          : std::chrono::ceil<std::chrono::milliseconds>(timeout);
+      const auto ms =
+          timeout.count() < 0 ? std::chrono::milliseconds(-1) : std::chrono::ceil<std::chrono::milliseconds>(timeout);
       return sys::wait_readable(fd, ms) ? true : reap(true);
     }
     // No pidfd (sandboxed kernel): poll with a growing sleep.
@@ -132,8 +132,7 @@ std::atomic<unsigned> g_process_counter{0};
   try {
     target.run();
   } catch (const std::exception& e) {
-    const std::string msg =
-        "Process " + name + ":\n" + detail::current_exception_type_name() + ": " + e.what() + "\n";
+    const std::string msg = "Process " + name + ":\n" + detail::current_exception_type_name() + ": " + e.what() + "\n";
     std::fwrite(msg.data(), 1, msg.size(), stderr);
     code = 1;
   } catch (...) {

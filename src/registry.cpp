@@ -52,8 +52,8 @@ std::uint64_t register_invoker(const char* mangled_name, InvokeFn fn) {
   std::lock_guard lock(r.mutex);
   auto [it, inserted] = r.entries.emplace(id, InvokerEntry{fn, mangled_name});
   if (!inserted && std::string_view(it->second.name) != mangled_name) {
-    std::fprintf(stderr, "multiproc: task id collision between %s and %s; rename one of the types\n",
-                 it->second.name, mangled_name);
+    std::fprintf(stderr, "multiproc: task id collision between %s and %s; rename one of the types\n", it->second.name,
+                 mangled_name);
     std::abort();
   }
   return id;
@@ -105,7 +105,8 @@ void encode_function_address(Writer& w, void (*fn)()) {
         return 0;
       },
       &s);
-  if (!s.found) throw InvalidArgument("multiproc: a task's function pointer does not point into any loaded module's code");
+  if (!s.found)
+    throw InvalidArgument("multiproc: a task's function pointer does not point into any loaded module's code");
   w.write_value(s.index);
   w.write_value(static_cast<std::uint64_t>(s.address - s.base));
 }
@@ -241,14 +242,19 @@ std::exception_ptr outcome_error(OutcomeTag tag, Reader& r) {
       const auto kind = static_cast<PoolErrorKind>(r.read_value<std::uint8_t>());
       const auto message = decode<std::string>(r);
       switch (kind) {
-        case PoolErrorKind::cancelled: return std::make_exception_ptr(Cancelled(message));
-        case PoolErrorKind::protocol: return std::make_exception_ptr(ProtocolError(message));
-        case PoolErrorKind::initializer: return std::make_exception_ptr(InitializerError(message));
-        case PoolErrorKind::system: return std::make_exception_ptr(SystemError(EAGAIN, message));
+        case PoolErrorKind::cancelled:
+          return std::make_exception_ptr(Cancelled(message));
+        case PoolErrorKind::protocol:
+          return std::make_exception_ptr(ProtocolError(message));
+        case PoolErrorKind::initializer:
+          return std::make_exception_ptr(InitializerError(message));
+        case PoolErrorKind::system:
+          return std::make_exception_ptr(SystemError(EAGAIN, message));
       }
       return std::make_exception_ptr(ProtocolError("corrupt pool error kind"));
     }
-    case OutcomeTag::value: break;
+    case OutcomeTag::value:
+      break;
   }
   return std::make_exception_ptr(ProtocolError("outcome_error called on a value"));
 }

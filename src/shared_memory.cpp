@@ -30,8 +30,7 @@ std::shared_ptr<SharedSegment> map_segment(sys::UniqueFd fd, std::string name) {
 }  // namespace
 }  // namespace detail
 
-SharedMemory::SharedMemory(std::size_t size)
-    : seg_(detail::map_segment(detail::sys::memfd("multiproc", size), {})) {}
+SharedMemory::SharedMemory(std::size_t size) : seg_(detail::map_segment(detail::sys::memfd("multiproc", size), {})) {}
 
 SharedMemory SharedMemory::create(const std::string& name, std::size_t size) {
   const std::string n = detail::normalized(name);
@@ -74,8 +73,10 @@ void SharedMemory::encode_handle(Writer& w) const {
 
 SharedMemory SharedMemory::decode_handle(Reader& r) {
   switch (r.read_value<std::uint8_t>()) {
-    case 0: return SharedMemory();
-    case 1: return attach(multiproc::decode<std::string>(r));
+    case 0:
+      return SharedMemory();
+    case 1:
+      return attach(multiproc::decode<std::string>(r));
     case 2: {
       const auto pid = r.read_value<std::int32_t>();
       const auto fd = r.read_value<std::int32_t>();
@@ -86,7 +87,8 @@ SharedMemory SharedMemory::decode_handle(Reader& r) {
       }
       return SharedMemory(detail::map_segment(detail::sys::open_process_fd(pid, fd), {}));
     }
-    default: throw SerializationError("corrupt shared memory handle");
+    default:
+      throw SerializationError("corrupt shared memory handle");
   }
 }
 

@@ -24,6 +24,10 @@
 // themselves a cereal serialize() (or a Codec) that validates.
 #pragma once
 
+// clang-format 14 reads C++20 requires-clauses as comparisons and mangles them: this file is
+// formatted by hand, to the same style.
+// clang-format off
+
 #include <algorithm>
 #include <array>
 #include <cereal/cereal.hpp>
@@ -653,3 +657,4 @@ struct detail::min_size<std::pair<A, B>>
 CEREAL_REGISTER_ARCHIVE(multiproc::detail::CerealOutput)
 CEREAL_REGISTER_ARCHIVE(multiproc::detail::CerealInput)
 CEREAL_SETUP_ARCHIVE_TRAITS(multiproc::detail::CerealInput, multiproc::detail::CerealOutput)
+// clang-format on

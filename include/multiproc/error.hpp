@@ -12,9 +12,9 @@
 // working, and `catch (const std::exception&)` is never ambiguous.
 #pragma once
 
+#include <sys/types.h>
 #include <stdexcept>
 #include <string>
-#include <sys/types.h>
 
 #include <cstddef>
 #include <system_error>
@@ -48,8 +48,7 @@ class BasicError : public Std, public Error {
 /// A system call failed. `code()` holds the errno; the message names the call.
 class SystemError : public detail::BasicError<std::system_error> {
  public:
-  SystemError(int errno_value, const std::string& call)
-      : BasicError(errno_value, std::generic_category(), call) {}
+  SystemError(int errno_value, const std::string& call) : BasicError(errno_value, std::generic_category(), call) {}
 };
 
 /// Bytes that do not decode as the expected type: truncated, corrupt, or oversized.

@@ -96,24 +96,16 @@ class Connection {
   /// nobody can receive it any more.
   void send(const T& message) {
     Writer& w = detail::connection_send_buffer();
+    Trim trim{w};
     detail::connection_begin_message(w);
-    try {
-      encode(w, message);
-      detail::connection_send(core_.get(), w);
-    } catch (...) {
-      detail::trim_buffer(w);
-      throw;
-    }
-    detail::trim_buffer(w);
+    encode(w, message);
+    detail::connection_send(core_.get(), w);
   }
 
   /// Receives the next message, waiting for it. EOFError when there will be none (see above).
   T recv() {
     Writer& w = detail::connection_recv_buffer();
-    struct Trim {
-      Writer& w;
-      ~Trim() { detail::trim_buffer(w); }
-    } trim{w};
+    Trim trim{w};
     detail::connection_recv(core_.get(), w);
     return from_bytes<T>(w.bytes());
   }
@@ -136,6 +128,11 @@ class Connection {
   [[nodiscard]] const std::shared_ptr<detail::ConnectionCore>& core() const noexcept { return core_; }
 
  private:
+  // The thread's buffer, trimmed after use whatever happens (a large message gives its memory back).
+  struct Trim {
+    Writer& w;
+    ~Trim() { detail::trim_buffer(w); }
+  };
   std::shared_ptr<detail::ConnectionCore> core_;
 };
 

@@ -69,9 +69,12 @@ struct PoolOptions {
 /// Registers an exception type so that a task throwing it is rethrown in the parent as that type
 /// (built from its message), instead of as TaskError. The standard exception types are registered
 /// already. `name` defaults to the demangled type name, which is what workers report.
+// clang-format 14 mangles requires-clauses:
+// clang-format off
 template <class E>
   requires std::constructible_from<E, const std::string&>
 void register_exception();
+// clang-format on
 
 namespace detail {
 using ExceptionFactory = std::exception_ptr (*)(const std::string& type, const std::string& message, pid_t pid);
@@ -91,6 +94,7 @@ class Remote final : public E,
 };
 }  // namespace detail
 
+// clang-format off
 template <class E>
   requires std::constructible_from<E, const std::string&>
 void register_exception() {
@@ -98,6 +102,7 @@ void register_exception() {
     return std::make_exception_ptr(detail::Remote<E>(type, message, pid));
   });
 }
+// clang-format on
 
 /// A value or the error that took its place: what map_outcomes() returns for each element.
 template <class R>
@@ -264,7 +269,11 @@ class ImapRange {
   using result_type = detail::stored_t<detail::call_result_t<Star, Fn, Item>>;
 
   ImapRange(detail::PoolCore& core, V view, Fn f, std::size_t chunksize, std::size_t window)
-      : core_(core), view_(std::move(view)), f_(std::move(f)), chunksize_(chunksize), window_(window),
+      : core_(core),
+        view_(std::move(view)),
+        f_(std::move(f)),
+        chunksize_(chunksize),
+        window_(window),
         job_(std::make_shared<detail::Job>()) {}
   ImapRange(const ImapRange&) = delete;
   ImapRange& operator=(const ImapRange&) = delete;

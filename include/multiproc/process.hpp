@@ -87,6 +87,8 @@ class Process {
  public:
   /// A process that will run `target(args...)`. Arguments are copied (use std::ref/std::cref to
   /// pass references, which are valid in the child because it is a copy of the parent).
+  // clang-format 14 mangles requires-clauses:
+  // clang-format off
   template <class F, class... Args>
     requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
   explicit Process(F&& target, Args&&... args)
@@ -98,6 +100,7 @@ class Process {
       : Process(std::move(options),
                 std::make_unique<detail::BoundTarget<std::decay_t<F>, std::decay_t<Args>...>>(
                     std::forward<F>(target), std::forward<Args>(args)...)) {}
+  // clang-format on
 
   Process(ProcessOptions options, std::unique_ptr<detail::Target> target);
 

@@ -163,21 +163,22 @@ class Queue {
   explicit Queue(std::shared_ptr<detail::QueueCore> core) : core_(std::move(core)) {}
 
  protected:
+  // The thread's buffer, trimmed after use whatever happens (a large item gives its memory back).
+  struct Trim {
+    Writer& w;
+    ~Trim() { detail::trim_buffer(w); }
+  };
   bool put_until(const T& item, detail::Deadline deadline) {
     Writer& w = detail::queue_put_buffer();
+    Trim trim{w};
     w.clear();
     encode(w, item);
-    const bool ok = detail::queue_put(*core_, w.bytes(), deadline);
-    detail::trim_buffer(w);
-    return ok;
+    return detail::queue_put(*core_, w.bytes(), deadline);
   }
   std::optional<T> get_until(detail::Deadline deadline) {
     Writer& w = detail::queue_get_buffer();
+    Trim trim{w};
     if (!detail::queue_get(*core_, w, deadline)) return std::nullopt;
-    struct Trim {
-      Writer& w;
-      ~Trim() { detail::trim_buffer(w); }
-    } trim{w};
     return from_bytes<T>(w.bytes());
   }
 

@@ -50,9 +50,7 @@ class SharedMemory {
 
   [[nodiscard]] void* data() const noexcept;
   [[nodiscard]] std::size_t size() const noexcept;
-  [[nodiscard]] std::span<std::byte> bytes() const noexcept {
-    return {static_cast<std::byte*>(data()), size()};
-  }
+  [[nodiscard]] std::span<std::byte> bytes() const noexcept { return {static_cast<std::byte*>(data()), size()}; }
   /// The name of a named segment; empty for an anonymous one.
   [[nodiscard]] const std::string& name() const noexcept;
   /// Removes a named segment's name (the memory stays mapped where it is). StateError if

@@ -98,7 +98,7 @@ template <class T>
 struct always_false : std::false_type {};
 
 template <class Fn>
-inline constexpr bool is_function_pointer_v = std::is_pointer_v<Fn> && std::is_function_v<std::remove_pointer_t<Fn>>;
+inline constexpr bool is_function_pointer_v = std::is_pointer_v<Fn>&& std::is_function_v<std::remove_pointer_t<Fn>>;
 
 /// Compile-time check that a callable can be sent to a worker, with a message that says what to
 /// do instead.
