@@ -1,0 +1,1 @@
+multiproc_add_test(test_shared_memory SOURCES shared_memory_test.cpp TIMEOUT 120)
