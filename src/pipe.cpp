@@ -176,7 +176,7 @@ int connection_fileno(const ConnectionCore* core) {
 void connection_encode(const ConnectionCore* core, Writer& w) {
   const ConnectionCore& c = open_core(const_cast<ConnectionCore*>(core), "encode");
   w.write_value(static_cast<std::uint8_t>((c.readable ? 1 : 0) | (c.writable ? 2 : 0)));
-  w.write_value(static_cast<std::int32_t>(::getpid()));
+  w.write_value(static_cast<std::int32_t>(sys::current_pid()));
   w.write_value(static_cast<std::int32_t>(c.readable ? c.read_fd.get() : -1));
   w.write_value(static_cast<std::int32_t>(c.writable && !c.write_broken ? c.write_fd.get() : -1));
 }
@@ -192,7 +192,7 @@ std::shared_ptr<ConnectionCore> connection_decode(Reader& r) {
       (!writable && wfd != -1) || wfd < -1) {
     throw SerializationError("corrupt connection handle");
   }
-  const bool own = pid == ::getpid();
+  const bool own = pid == sys::current_pid();
   sys::UniqueFd read_end;
   sys::UniqueFd write_end;
   bool broken = writable && wfd < 0;

@@ -735,7 +735,7 @@ bool queue_closed(const QueueCore& q) noexcept { return q.closed_.load(); }
 void queue_encode(const QueueCore* q, Writer& w) {
   if (!q) throw StateError("Queue: encoding a moved-from queue");
   w.write_value(std::uint8_t{1});
-  w.write_value(static_cast<std::int32_t>(::getpid()));
+  w.write_value(static_cast<std::int32_t>(sys::current_pid()));
   w.write_value(static_cast<std::int32_t>(q->fd()));
 }
 
@@ -744,7 +744,7 @@ std::shared_ptr<QueueCore> queue_decode(Reader& r) {
   const auto pid = r.read_value<std::int32_t>();
   const auto fd = r.read_value<std::int32_t>();
   if (tag != 1 || pid <= 0 || fd < 0) throw SerializationError("corrupt queue handle");
-  sys::UniqueFd mine = pid == ::getpid() ? sys::dup_inheritable(fd) : sys::open_process_fd(pid, fd);
+  sys::UniqueFd mine = pid == sys::current_pid() ? sys::dup_inheritable(fd) : sys::open_process_fd(pid, fd);
   return std::make_shared<QueueCore>(std::move(mine), nullptr);
 }
 
