@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -345,20 +346,24 @@ TEST(PoolMove, MoveAssignmentTerminatesTheOldPool) {
 }  // namespace pooltest
 
 // A forked child has a copy of its parent's pool but neither its supervisor thread nor its
-// workers: using it must fail at once with StateError instead of waiting forever, and the child's
-// exit must not touch the parent's workers.
+// workers: using it must fail at once with StateError instead of waiting forever, and destroying
+// the copy must neither wait for a thread that is not there nor kill the parent's workers.
 TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
-  multiproc::Pool pool{{.processes = 1}};
+  auto pool = std::make_unique<multiproc::Pool>(multiproc::PoolOptions{.processes = 1});
+  const auto workers = pool->worker_pids();
   multiproc::Process child{[&pool] {
+    int code = 1;
     try {
-      (void)pool.apply(pooltest::square, 3);
+      (void)pool->apply(pooltest::square, 3);
     } catch (const multiproc::StateError&) {
-      std::exit(7);  // runs static destructors and atexit handlers: the pool copy must stay inert
+      code = 7;
     }
-    std::_Exit(1);
+    pool.reset();  // the inherited copy's destructor
+    ::_exit(code);
   }};
   child.start();
-  child.join();
+  ASSERT_TRUE(child.join_for(std::chrono::seconds(10)));
   EXPECT_EQ(child.exit_status(), multiproc::ExitStatus::exited_with(7));
-  EXPECT_EQ(pool.apply(pooltest::square, 4), 16);  // the parent's pool is untouched
+  EXPECT_EQ(pool->apply(pooltest::square, 4), 16);  // the parent's pool is untouched
+  EXPECT_EQ(pool->worker_pids(), workers);          // and so are its workers
 }
