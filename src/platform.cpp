@@ -265,6 +265,10 @@ UniqueFd dup_inheritable(int fd) {
   return UniqueFd(checked("fcntl", [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }), UniqueFd::Inheritable{});
 }
 
+UniqueFd descriptor_of(pid_t pid, int fd) {
+  return pid == current_pid() ? dup_inheritable(fd) : open_process_fd(pid, fd);
+}
+
 UniqueFd open_process_fd(pid_t pid, int fd) {
   const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
   return UniqueFd(checked("open", [&] { return ::open(path.c_str(), O_RDWR | O_CLOEXEC); }), UniqueFd::Inheritable{});

@@ -164,6 +164,9 @@ UniqueFd shm_open_named(const std::string& name, bool create, std::size_t size);
 void shm_unlink_named(const std::string& name);
 /// A close-on-exec duplicate of `fd`, not registered.
 UniqueFd dup_inheritable(int fd);
+/// A descriptor of ours for descriptor `fd` of process `pid`, as sent in a handle: a duplicate when
+/// `pid` is this process, else opened through /proc/<pid>/fd/<fd>.
+UniqueFd descriptor_of(pid_t pid, int fd);
 /// Opens another process's descriptor through /proc/<pid>/fd/<fd> (read-write).
 UniqueFd open_process_fd(pid_t pid, int fd);
 /// The size of the file behind `fd`.

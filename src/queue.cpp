@@ -744,7 +744,7 @@ std::shared_ptr<QueueCore> queue_decode(Reader& r) {
   const auto pid = r.read_value<std::int32_t>();
   const auto fd = r.read_value<std::int32_t>();
   if (tag != 1 || pid <= 0 || fd < 0) throw SerializationError("corrupt queue handle");
-  sys::UniqueFd mine = pid == sys::current_pid() ? sys::dup_inheritable(fd) : sys::open_process_fd(pid, fd);
+  sys::UniqueFd mine = sys::descriptor_of(pid, fd);
   return std::make_shared<QueueCore>(std::move(mine), nullptr);
 }
 

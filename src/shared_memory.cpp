@@ -81,11 +81,7 @@ SharedMemory SharedMemory::decode_handle(Reader& r) {
       const auto pid = r.read_value<std::int32_t>();
       const auto fd = r.read_value<std::int32_t>();
       if (pid <= 0 || fd < 0) throw SerializationError("corrupt shared memory handle");
-      if (pid == detail::sys::current_pid()) {
-        // Our own segment (or one inherited through fork): a descriptor of ours.
-        return SharedMemory(detail::map_segment(detail::sys::dup_inheritable(fd), {}));
-      }
-      return SharedMemory(detail::map_segment(detail::sys::open_process_fd(pid, fd), {}));
+      return SharedMemory(detail::map_segment(detail::sys::descriptor_of(pid, fd), {}));
     }
     default:
       throw SerializationError("corrupt shared memory handle");
