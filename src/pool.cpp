@@ -155,6 +155,7 @@ struct WorkerConfig {
   const std::function<void()>* initializer;
   std::size_t max_tasks;
   std::size_t max_payload;
+  bool timed;
 };
 
 [[noreturn]] void worker_main(int fd, Progress* progress, const WorkerConfig& config) noexcept {
@@ -174,7 +175,7 @@ struct WorkerConfig {
       }
     }
     progress->initialized.store(1, std::memory_order_relaxed);
-    const TaskContext ctx{progress};
+    const TaskContext ctx{progress, config.timed};
     std::size_t done = 0;
     FrameHeader h{};
     while (channel.recv(h, in)) {
@@ -182,8 +183,13 @@ struct WorkerConfig {
         throw ProtocolError("worker got a frame that is not a task");
       Reader r(in.bytes());
       Channel::begin_frame(out);
+      // Stamp first, publish the chunk last: the parent never pairs this chunk with a stale time.
+      if (config.timed) {
+        progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                                     std::memory_order_relaxed);
+      }
       progress->item.store(0, std::memory_order_relaxed);
-      progress->chunk.store(h.id, std::memory_order_relaxed);
+      progress->chunk.store(h.id, std::memory_order_release);
       try {
         const auto id = r.read_value<std::uint64_t>();
         const auto count = r.read_value<std::uint32_t>();
@@ -233,6 +239,7 @@ struct PoolCore::Impl {
     std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
     std::chrono::steady_clock::time_point last_result{};
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
+    bool timed_out = false;    // killed for running past task_timeout: its item fails with TaskTimeout
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
 
@@ -246,6 +253,7 @@ struct PoolCore::Impl {
   std::function<void()> initializer;
   std::size_t max_tasks = 0;
   std::size_t max_payload = 0;
+  std::chrono::nanoseconds task_timeout{0};
   sys::UniqueFd wakeup;
 
   // Shared with user threads, under `mutex`.
@@ -272,6 +280,8 @@ struct PoolCore::Impl {
     initializer = o.initializer;
     max_tasks = o.max_tasks_per_child;
     max_payload = o.max_message_bytes;
+    if (o.task_timeout.count() < 0) throw InvalidArgument("Pool: task_timeout must not be negative");
+    task_timeout = o.task_timeout;
     wakeup = sys::event_fd();
     std::promise<void> started;
     auto ready = started.get_future();
@@ -356,7 +366,7 @@ struct PoolCore::Impl {
     sys::SharedMapping page(4096);
     auto* progress = new (page.data()) Progress;
     const int keep[] = {child_end.get()};
-    const WorkerConfig config{&initializer, max_tasks, max_payload};
+    const WorkerConfig config{&initializer, max_tasks, max_payload, task_timeout.count() > 0};
     sys::ForkOptions fo;
     fo.keep_fds = keep;
     fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
@@ -399,7 +409,13 @@ struct PoolCore::Impl {
         fds.push_back({w.pidfd.get(), POLLIN, 0});
         if (!w.pidfd) need_timeout = true;
       }
-      sys::poll_fds(fds.data(), fds.size(), std::chrono::milliseconds(need_timeout ? 10 : -1));
+      std::chrono::milliseconds wait(need_timeout ? 10 : -1);
+      if (const auto next = next_task_deadline()) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(*next - std::chrono::steady_clock::now());
+        const auto bounded = std::max(left, std::chrono::milliseconds(0));
+        if (wait.count() < 0 || bounded < wait) wait = bounded;
+      }
+      sys::poll_fds(fds.data(), fds.size(), wait);
       if (fds[0].revents) sys::event_drain(wakeup.get());
       std::size_t k = 1;
       for (auto& w : workers) {
@@ -409,6 +425,7 @@ struct PoolCore::Impl {
         if (chan && w.channel_open) read_from(w);
         if (died || !w.pidfd) check_exit(w);
       }
+      kill_overdue_workers();
       // Replace workers that are gone, unless the pool is winding down with nothing left to do.
       for (auto& w : workers) {
         if (w.pid == 0 && should_respawn()) {
@@ -420,6 +437,41 @@ struct PoolCore::Impl {
           }
         }
       }
+    }
+  }
+
+  // When the item a worker is running (if it is one of ours still unanswered) passes the timeout.
+  std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w) const {
+    if (task_timeout.count() <= 0 || w.pid == 0 || w.inflight.empty() || w.timed_out) return std::nullopt;
+    const Progress& p = *w.progress();
+    const std::uint64_t running = p.chunk.load(std::memory_order_acquire);
+    (void)p.item.load(std::memory_order_acquire);  // pairs with at_item's release: item_started is fresh
+    const bool ours =
+        std::any_of(w.inflight.begin(), w.inflight.end(), [&](const InFlight& f) { return f.seq == running; });
+    if (!ours) return std::nullopt;  // between chunks: nothing of ours is running
+    const std::int64_t started = p.item_started.load(std::memory_order_relaxed);
+    if (started == 0) return std::nullopt;
+    const std::chrono::steady_clock::time_point t{std::chrono::steady_clock::duration(started)};
+    return t + std::chrono::duration_cast<std::chrono::steady_clock::duration>(task_timeout);
+  }
+
+  std::optional<std::chrono::steady_clock::time_point> next_task_deadline() const {
+    std::optional<std::chrono::steady_clock::time_point> next;
+    for (const auto& w : workers) {
+      if (const auto d = task_deadline(w); d && (!next || *d < *next)) next = d;
+    }
+    return next;
+  }
+
+  // A task past its time: its worker's whole process group is SIGKILLed; when its pidfd fires, the
+  // item fails with TaskTimeout instead of WorkerCrashed, and the worker is replaced.
+  void kill_overdue_workers() {
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& w : workers) {
+      const auto d = task_deadline(w);
+      if (!d || now < *d) continue;
+      w.timed_out = true;
+      sys::send_signal(w.pid, SIGKILL, true);
     }
   }
 
@@ -641,7 +693,14 @@ struct PoolCore::Impl {
       }
       if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
       Writer one;
-      write_crashed(one, status, w.pid, chunk.first + at);
+      if (w.timed_out) {
+        const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(task_timeout).count();
+        write_pool_error(one, PoolErrorKind::timeout,
+                         "task " + std::to_string(chunk.first + at) + " ran past its timeout of " + std::to_string(ms) +
+                             " ms; worker " + std::to_string(w.pid) + " was killed");
+      } else {
+        write_crashed(one, status, w.pid, chunk.first + at);
+      }
       chunk.job->deliver(repeated_outcome(chunk.first + at, 1, one.bytes()));
       if (at > 0) requeue.push_back(sub_chunk(chunk, 0, at));
       if (at + 1 < chunk.count) requeue.push_back(sub_chunk(chunk, at + 1, chunk.count));

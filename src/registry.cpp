@@ -250,6 +250,8 @@ std::exception_ptr outcome_error(OutcomeTag tag, Reader& r) {
           return std::make_exception_ptr(InitializerError(message));
         case PoolErrorKind::system:
           return std::make_exception_ptr(SystemError(EAGAIN, message));
+        case PoolErrorKind::timeout:
+          return std::make_exception_ptr(TaskTimeout(message));
       }
       return std::make_exception_ptr(ProtocolError("corrupt pool error kind"));
     }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -15,6 +16,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -538,3 +540,47 @@ TEST(PoolInitializer, CrashingInitializerDoesNotRespawnForever) {
 
 }  // namespace
 }  // namespace pooltest
+
+// ---- task timeout ------------------------------------------------------------------------------
+
+int sleep_if_five(int x) {
+  if (x == 5) std::this_thread::sleep_for(std::chrono::seconds(30));
+  return x * 10;
+}
+
+TEST(PoolTaskTimeout, OnlyTheTaskPastItsTimeFailsWithTaskTimeout) {
+  for (std::size_t chunksize : {std::size_t{1}, std::size_t{4}}) {
+    multiproc::Pool pool{{.processes = 2, .task_timeout = std::chrono::milliseconds(300)}};
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto out = pool.map_outcomes(sleep_if_five, pooltest::iota_vector(10), chunksize);
+    const auto took = std::chrono::steady_clock::now() - t0;
+    ASSERT_EQ(out.size(), 10u);
+    for (int i = 0; i < 10; ++i) {
+      if (i == 5) {
+        ASSERT_FALSE(out[5].has_value());
+        try {
+          std::rethrow_exception(out[5].error());
+        } catch (const multiproc::TaskTimeout& e) {
+          EXPECT_NE(std::string(e.what()).find("task 5 ran past its timeout of 300 ms"), std::string::npos) << e.what();
+        }
+      } else {
+        ASSERT_TRUE(out[static_cast<std::size_t>(i)].has_value()) << i;
+        EXPECT_EQ(out[static_cast<std::size_t>(i)].value(), i * 10);
+      }
+    }
+    EXPECT_LT(took, std::chrono::seconds(5)) << "chunksize " << chunksize;
+    EXPECT_EQ(pool.apply(pooltest::square, 6), 36);  // the worker was replaced
+  }
+}
+
+TEST(PoolTaskTimeout, QuickTasksNeverTimeOut) {
+  multiproc::Pool pool{{.processes = 2, .task_timeout = std::chrono::milliseconds(50)}};
+  for (int round = 0; round < 3; ++round) {
+    EXPECT_EQ(pool.map(pooltest::square, pooltest::iota_vector(2000), 1), pooltest::squares(2000));
+  }
+}
+
+TEST(PoolTaskTimeout, NegativeTimeoutIsInvalidArgument) {
+  EXPECT_THROW((multiproc::Pool{{.processes = 1, .task_timeout = std::chrono::milliseconds(-1)}}),
+               multiproc::InvalidArgument);
+}

@@ -139,6 +139,13 @@ class Cancelled : public detail::BasicError<std::runtime_error> {
   using BasicError::BasicError;
 };
 
+/// A task ran past the pool's task_timeout: its worker (with its whole process group) was
+/// SIGKILLed and replaced; the other tasks go on.
+class TaskTimeout : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
 /// A wait ran out of time (AsyncResult::get with a timeout). What was waited for goes on.
 class Timeout : public detail::BasicError<std::runtime_error> {
  public:

@@ -64,6 +64,9 @@ struct PoolOptions {
   /// Upper bound for one request or one chunk's results, in bytes; larger fails that call with
   /// ProtocolError instead of exhausting memory.
   std::size_t max_message_bytes = std::size_t{1} << 34;
+  /// A task (one item) running longer than this has its worker's process group SIGKILLed and
+  /// fails with TaskTimeout; the worker is replaced and every other task goes on. 0: no limit.
+  std::chrono::nanoseconds task_timeout{0};
 };
 
 /// Registers an exception type so that a task throwing it is rethrown in the parent as that type

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -36,12 +37,19 @@ struct Progress {
   std::atomic<std::uint64_t> chunk{0};
   std::atomic<std::uint32_t> item{0};
   std::atomic<std::uint32_t> initialized{0};  // set once the pool's initializer has returned
+  std::atomic<std::int64_t> item_started{0};  // steady_clock ticks when the item began (timeouts)
 };
 
 struct TaskContext {
   Progress* progress = nullptr;
+  bool timed = false;  // the pool has a task timeout: stamp each item's start
   void at_item(std::uint32_t i) const noexcept {
-    if (progress) progress->item.store(i, std::memory_order_relaxed);
+    if (!progress) return;
+    if (timed) {
+      progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                                   std::memory_order_relaxed);
+    }
+    progress->item.store(i, std::memory_order_release);
   }
 };
 
@@ -66,7 +74,7 @@ enum class OutcomeTag : std::uint8_t {
   crashed = 2,     // exit status, pid, task index
   pool_error = 3,  // PoolErrorKind, message
 };
-enum class PoolErrorKind : std::uint8_t { cancelled = 0, protocol = 1, initializer = 2, system = 3 };
+enum class PoolErrorKind : std::uint8_t { cancelled = 0, protocol = 1, initializer = 2, system = 3, timeout = 4 };
 
 /// Inside a catch block in a worker: writes the exception being handled as an outcome.
 void encode_current_exception(Writer& w) noexcept;
