@@ -22,14 +22,6 @@
 
 #include "pool_test_common.hpp"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define POOLTEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define POOLTEST_ASAN 1
-#endif
-#endif
-
 #ifdef POOLTEST_ASAN
 // A worker that calls std::exit() runs LeakSanitizer's exit-time check. A forked child of a
 // multithreaded process cannot scan the parent's other threads (they do not exist in it), so LSan

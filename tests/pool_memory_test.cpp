@@ -7,14 +7,6 @@
 
 #include "pool_test_common.hpp"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define POOLTEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define POOLTEST_ASAN 1
-#endif
-#endif
-
 #ifdef POOLTEST_ASAN
 // ASan keeps freed blocks in a quarantine (256 MiB by default) that would count as growth.
 extern "C" const char* __asan_default_options() { return "quarantine_size_mb=8"; }

@@ -13,6 +13,15 @@
 
 #include <multiproc/multiproc.hpp>
 
+// POOLTEST_ASAN: built with AddressSanitizer (gcc or clang), for the tests that must adapt to it.
+#if defined(__SANITIZE_ADDRESS__)
+#define POOLTEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define POOLTEST_ASAN 1
+#endif
+#endif
+
 // Clang before 16 cannot compile libstdc++'s range views (std::views::iota, filter, ref_view,
 // owning_view: llvm/llvm-project#52696), and Pool::imap wraps its input in std::views::all. Tests
 // that need views or imap are left out of such builds (the project's TSan build uses clang).

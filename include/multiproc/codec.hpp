@@ -221,9 +221,6 @@ inline constexpr bool is_cereal_serializable_v =
     std::is_class_v<T> && cereal::traits::is_output_serializable<T, CerealOutput>::value &&
     cereal::traits::is_input_serializable<T, CerealInput>::value;
 
-template <class T>
-struct dependent_false : std::false_type {};
-
 [[noreturn]] void throw_serialization_error(const char* what, const char* detail = nullptr);
 
 }  // namespace detail
