@@ -367,3 +367,10 @@ TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
   EXPECT_EQ(pool->apply(pooltest::square, 4), 16);  // the parent's pool is untouched
   EXPECT_EQ(pool->worker_pids(), workers);          // and so are its workers
 }
+
+TEST(PoolAsyncResult, WaitForTheMaximumDurationWaitsInsteadOfOverflowing) {
+  multiproc::Pool pool{{.processes = 1}};
+  auto r = pool.apply_async(pooltest::square, 9);
+  EXPECT_TRUE(r.wait_for(std::chrono::nanoseconds::max()));
+  EXPECT_EQ(r.get(std::chrono::hours::max()), 81);
+}

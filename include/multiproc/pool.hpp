@@ -228,6 +228,8 @@ class AsyncResult {
   /// Waits at most `timeout`; true if the result is ready. Does not stop the task.
   template <class Rep, class Period>
   bool wait_for(std::chrono::duration<Rep, Period> timeout) {
+    // Beyond a century is forever (now + timeout would overflow into the past).
+    if (timeout >= std::chrono::hours(24 * 365 * 100)) return job_->wait_done(total_, std::nullopt);
     return job_->wait_done(total_, std::chrono::steady_clock::now() +
                                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
   }
