@@ -20,8 +20,10 @@ enum class FrameTag : std::uint16_t {
   result = 2,       // worker -> parent: one outcome per item of the chunk
   fault = 3,        // worker -> parent: the chunk could not run at all (unknown task id, ...)
   init_failed = 4,  // worker -> parent: the initializer threw; payload is the exception
+  boot = 5,         // parent -> spawned/forkserver child: build id, role, cwd, environment, config
+  hello = 6,        // child -> parent: its build id, pid, and whether it accepts the boot frame
 };
-inline constexpr std::uint16_t kMaxFrameTag = 4;
+inline constexpr std::uint16_t kMaxFrameTag = 6;
 
 struct FrameHeader {
   std::uint32_t magic;
@@ -56,6 +58,8 @@ class Channel {
   [[nodiscard]] int fd() const noexcept { return fd_.get(); }
   [[nodiscard]] sys::UniqueFd& handle() noexcept { return fd_; }
   [[nodiscard]] std::size_t max_payload() const noexcept { return max_payload_; }
+  /// Changes the bound (after a handshake whose frames the user's bound does not cover).
+  void set_max_payload(std::size_t n) noexcept { max_payload_ = n; }
 
  private:
   // Reads whatever the socket has (at least one byte, at most the buffer's room); false on EOF.

@@ -3,7 +3,10 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <elf.h>
+#include <link.h>
 #include <sys/eventfd.h>
+#include <sys/signalfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -670,6 +673,214 @@ std::uint64_t process_start_time(pid_t pid) noexcept {
   std::uint64_t t = 0;
   for (; *p >= '0' && *p <= '9'; ++p) t = t * 10 + static_cast<std::uint64_t>(*p - '0');
   return t;
+}
+
+}  // namespace multiproc::detail::sys
+
+// ---- start methods ------------------------------------------------------------------------------
+namespace multiproc::detail::sys {
+
+std::pair<UniqueFd, UniqueFd> seqpacket_pair() {
+  int fds[2];
+  checked("socketpair", [&] { return ::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds); });
+  return {UniqueFd(fds[0]), UniqueFd(fds[1])};
+}
+
+namespace {
+constexpr std::size_t kMaxPassedFds = 8;
+}
+
+void send_message(int sock, std::span<const std::byte> data, std::span<const int> fds) {
+  if (fds.size() > kMaxPassedFds) throw InvalidArgument("send_message: too many descriptors");
+  iovec iov{const_cast<std::byte*>(data.data()), data.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxPassedFds)]{};
+  if (!fds.empty()) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  checked("sendmsg", [&] { return ::sendmsg(sock, &msg, MSG_NOSIGNAL); });
+}
+
+std::size_t recv_message(int sock, std::span<std::byte> data, std::vector<UniqueFd>& fds) {
+  iovec iov{data.data(), data.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxPassedFds)]{};
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  const ssize_t n = checked_noexcept("recvmsg", [&] { return ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); });
+  if (n == -ECONNRESET) return 0;
+  if (n < 0) throw SystemError(static_cast<int>(-n), "recvmsg");
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      fds.emplace_back(fd);
+    }
+  }
+  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) throw ProtocolError("a control message was larger than expected");
+  return static_cast<std::size_t>(n);
+}
+
+std::pair<UniqueFd, UniqueFd> private_pipe() {
+  int fds[2];
+  checked("pipe2", [&] { return ::pipe2(fds, O_CLOEXEC); });
+  return {UniqueFd(fds[0]), UniqueFd(fds[1])};
+}
+
+namespace {
+
+std::string hex(const unsigned char* p, std::size_t n) {
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out;
+  for (std::size_t i = 0; i < n; ++i) {
+    out += digits[p[i] >> 4];
+    out += digits[p[i] & 15];
+  }
+  return out;
+}
+
+// The GNU build-id note of the main program (the first object dl_iterate_phdr reports).
+std::string gnu_build_id() {
+  std::string id;
+  ::dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* data) -> int {
+        auto& out = *static_cast<std::string*>(data);
+        for (int i = 0; i < info->dlpi_phnum && out.empty(); ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type != PT_NOTE) continue;
+          const auto* p = reinterpret_cast<const unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+          const unsigned char* end = p + ph.p_memsz;
+          while (p + sizeof(ElfW(Nhdr)) <= end) {
+            ElfW(Nhdr) note;
+            std::memcpy(&note, p, sizeof note);
+            const unsigned char* name = p + sizeof note;
+            const unsigned char* desc = name + ((note.n_namesz + 3) & ~3u);
+            const unsigned char* next = desc + ((note.n_descsz + 3) & ~3u);
+            if (next > end) break;
+            if (note.n_type == NT_GNU_BUILD_ID && note.n_namesz == 4 && std::memcmp(name, "GNU", 4) == 0) {
+              out = hex(desc, note.n_descsz);
+              break;
+            }
+            p = next;
+          }
+        }
+        return 1;  // only the main program
+      },
+      &id);
+  return id;
+}
+
+// FNV-1a over the executable file, for a program linked without a build-id note.
+std::string file_hash() {
+  const int fd = ::open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "unknown";
+  std::uint64_t h = 14695981039346656037ull;
+  std::vector<unsigned char> buf(1 << 16);
+  for (;;) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    for (ssize_t i = 0; i < n; ++i) {
+      h ^= buf[static_cast<std::size_t>(i)];
+      h *= 1099511628211ull;
+    }
+  }
+  ::close(fd);
+  unsigned char bytes[8];
+  std::memcpy(bytes, &h, sizeof h);
+  return "sha:" + hex(bytes, sizeof bytes);
+}
+
+}  // namespace
+
+const std::string& build_id() {
+  static const std::string id = [] {
+    std::string gnu = gnu_build_id();
+    return gnu.empty() ? file_hash() : gnu;
+  }();
+  return id;
+}
+
+int thread_count() noexcept {
+  const int fd = ::open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[1024];
+  ssize_t n;
+  do {
+    n = ::read(fd, buf, sizeof buf - 1);
+  } while (n < 0 && errno == EINTR);
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  // Field 2 (the command) is in parentheses and may hold spaces: count fields after its ')'.
+  const char* p = std::strrchr(buf, ')');
+  if (!p) return 0;
+  int field = 2;
+  for (++p; *p && field < 20; ++p) {
+    if (*p == ' ') ++field;
+  }
+  return field == 20 ? std::atoi(p) : 0;
+}
+
+void exec_in_child(const char* path, char* const argv[], char* const envp[], std::span<const int> keep) noexcept {
+  for (int fd : keep) {
+    const int flags = ::fcntl(fd, F_GETFD);
+    if (flags >= 0) ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  ::execve(path, argv, envp);
+  static constexpr char msg[] = "multiproc: execve of the worker executable failed\n";
+  (void)!::write(2, msg, sizeof msg - 1);
+  ::_exit(127);
+}
+
+UniqueFd child_signal_fd() {
+  sigset_t set;
+  ::sigemptyset(&set);
+  ::sigaddset(&set, SIGCHLD);
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return UniqueFd(checked("signalfd", [&] { return ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK); }));
+}
+
+void drain_signal_fd(int fd) noexcept {
+  signalfd_siginfo info[8];
+  while (::read(fd, info, sizeof info) > 0) {
+  }
+}
+
+std::optional<siginfo_t> reap_any_child() noexcept {
+  siginfo_t info{};
+  for (;;) {
+    if (::waitid(P_ALL, 0, &info, WEXITED | WNOHANG) == 0) {
+      if (info.si_pid == 0) return std::nullopt;
+      return info;
+    }
+    if (errno != EINTR) return std::nullopt;  // ECHILD: no children at all
+  }
+}
+
+std::string current_directory() {
+  std::vector<char> buf(4096);
+  for (;;) {
+    if (::getcwd(buf.data(), buf.size())) return buf.data();
+    if (errno != ERANGE) throw SystemError(errno, "getcwd");
+    buf.resize(buf.size() * 2);
+  }
+}
+
+void change_directory(const std::string& path) {
+  checked("chdir", [&] { return ::chdir(path.c_str()); });
 }
 
 }  // namespace multiproc::detail::sys

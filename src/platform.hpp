@@ -21,6 +21,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "multiproc/error.hpp"
 
@@ -344,5 +345,41 @@ void write_all_pipe(int fd, std::span<const std::byte> data);
 /// read(2) of what is there, at least one byte (blocking until then), at most `data.size()`.
 /// Returns 0 on EOF.
 std::size_t read_fd_some(int fd, std::span<std::byte> data);
+
+// ---- start methods (launch.cpp) -------------------------------------------------------------
+
+/// A connected, close-on-exec AF_UNIX SOCK_SEQPACKET pair: messages keep their boundaries and can
+/// carry descriptors.
+std::pair<UniqueFd, UniqueFd> seqpacket_pair();
+/// sendmsg(2) of one message with `fds` attached (SCM_RIGHTS). EPIPE when the peer is gone.
+void send_message(int sock, std::span<const std::byte> data, std::span<const int> fds);
+/// recvmsg(2) of one message: its length (0 on EOF); descriptors that came with it are appended
+/// to `fds`, close-on-exec and registered. A message longer than `data` is a ProtocolError.
+std::size_t recv_message(int sock, std::span<std::byte> data, std::vector<UniqueFd>& fds);
+/// A pipe whose two ends are registered (children forked for other purposes do not get them).
+std::pair<UniqueFd, UniqueFd> private_pipe();
+
+/// The build id of the running program: its GNU build-id note (hex), or, for an executable linked
+/// without one, "sha:" and a 64-bit hash of the executable file. Computed once.
+const std::string& build_id();
+/// The number of threads of this process (/proc/self/stat); 0 if unknown.
+int thread_count() noexcept;
+
+/// In a forked child: clears close-on-exec on `keep` and execve(2)s `path`. On failure writes a
+/// line to stderr and _exit(127)s. Async-signal-safe.
+[[noreturn]] void exec_in_child(const char* path, char* const argv[], char* const envp[],
+                                std::span<const int> keep) noexcept;
+
+/// Blocks SIGCHLD in the calling thread and returns a signalfd that becomes readable when it comes.
+UniqueFd child_signal_fd();
+/// Reads what a signalfd holds (nonblocking).
+void drain_signal_fd(int fd) noexcept;
+/// waitid(P_ALL, WEXITED | WNOHANG): one ended child, reaped, or nullopt when none has ended.
+std::optional<siginfo_t> reap_any_child() noexcept;
+
+/// The current working directory.
+std::string current_directory();
+/// chdir(2).
+void change_directory(const std::string& path);
 
 }  // namespace multiproc::detail::sys

@@ -27,6 +27,7 @@
 
 #include "channel.hpp"
 #include "multiproc/cpu.hpp"
+#include "launch.hpp"
 #include "platform.hpp"
 
 namespace multiproc {
@@ -152,24 +153,23 @@ void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index)
 // ---- the worker process ----------------------------------------------------------------------
 
 struct WorkerConfig {
-  const std::function<void()>* initializer;
+  // Runs the pool's initializer; false with its exception's outcome written to `failure`.
+  std::function<bool(Writer& failure)> initialize;
   std::size_t max_tasks;
   std::size_t max_payload;
   bool timed;
 };
 
-[[noreturn]] void worker_main(int fd, Progress* progress, const WorkerConfig& config) noexcept {
+[[noreturn]] void worker_main(Channel channel, Progress* progress, const WorkerConfig& config) noexcept {
   int code = 0;
   try {
-    Channel channel(sys::UniqueFd(fd), config.max_payload);
     Writer in;
     Writer out;
-    if (*config.initializer) {
-      try {
-        (*config.initializer)();
-      } catch (...) {
+    if (config.initialize) {
+      Writer failure;
+      if (!config.initialize(failure)) {
         Channel::begin_frame(out);
-        encode_current_exception(out);
+        out.write_bytes(failure.data(), failure.size());
         channel.send(FrameTag::init_failed, 0, out);
         sys::detail_fork::child_exit(3);
       }
@@ -193,13 +193,7 @@ struct WorkerConfig {
       try {
         const auto id = r.read_value<std::uint64_t>();
         const auto count = r.read_value<std::uint32_t>();
-        const InvokeFn invoke = find_invoker(id);
-        if (!invoke) {
-          char hex[32];
-          std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
-          throw ProtocolError(std::string("unknown task id ") + hex + ": this worker has no such task");
-        }
-        invoke(r, count, out, ctx);
+        require_invoker(id)(r, count, out, ctx);
         if (r.remaining() != 0) throw ProtocolError("task request has trailing bytes");
         channel.send(FrameTag::result, h.id, out);
       } catch (...) {
@@ -218,6 +212,38 @@ struct WorkerConfig {
 
 }  // namespace
 
+// A Pool worker in a spawned or forkserver child: its settings and initializer come in the boot
+// frame, its progress page is the memfd passed second.
+void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::UniqueFd>& fds) noexcept {
+  try {
+    WorkerConfig config;
+    config.max_tasks = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
+    config.max_payload = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
+    config.timed = boot.read_value<std::uint8_t>() != 0;
+    auto init = decode<std::optional<std::vector<std::byte>>>(boot);
+    if (init) {
+      config.initialize = [request = std::move(*init)](Writer& failure) {
+        Reader r(std::span<const std::byte>(request.data(), request.size()));
+        try {
+          run_call(r, failure);
+        } catch (...) {
+          failure.clear();
+          encode_current_exception(failure);
+        }
+        Reader outcome(failure.bytes());
+        return read_outcome_tag(outcome) == OutcomeTag::value;
+      };
+    }
+    static sys::FileMapping page(fds.at(1).get(), 4096);
+    fds[1].reset();
+    channel.set_max_payload(config.max_payload);
+    worker_main(std::move(channel), reinterpret_cast<Progress*>(page.data()), config);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "multiproc: a pool worker could not start: %s\n", e.what());
+  }
+  sys::detail_fork::child_exit(2);
+}
+
 // ---- the parent side -------------------------------------------------------------------------
 
 constexpr std::size_t kMaxDepth = 4;
@@ -231,9 +257,11 @@ struct PoolCore::Impl {
   };
   struct Worker {
     pid_t pid = 0;
-    sys::UniqueFd pidfd;
+    Child child;
     Channel channel;
-    sys::SharedMapping progress_page;
+    sys::SharedMapping progress_page;  // fork: shared anonymous memory
+    sys::FileMapping progress_file;    // forkserver, spawn: a memfd passed to the worker
+    Progress* progress_ptr = nullptr;
     std::deque<InFlight> inflight;  // sent, in order; the worker runs them in this order
     std::size_t inflight_bytes = 0;
     std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
@@ -243,14 +271,15 @@ struct PoolCore::Impl {
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
 
-    Progress* progress() const { return static_cast<Progress*>(progress_page.data()); }
+    Progress* progress() const { return progress_ptr; }
     std::size_t depth() const { return quick ? kMaxDepth : 1; }
   };
 
   // Immutable after construction.
   int processes = 0;
   pid_t owner = sys::current_pid();  // a forked child's copy of the pool has no supervisor: it must not act
-  std::function<void()> initializer;
+  Initializer initializer;
+  StartMethod method = StartMethod::fork;
   std::size_t max_tasks = 0;
   std::size_t max_payload = 0;
   std::chrono::nanoseconds task_timeout{0};
@@ -278,6 +307,12 @@ struct PoolCore::Impl {
     if (o.max_message_bytes < 64) throw InvalidArgument("Pool: max_message_bytes must be at least 64");
     processes = o.processes.value_or(cpu_count());
     initializer = o.initializer;
+    method = resolve_start_method(o.start_method);
+    if (method != StartMethod::fork && initializer && !initializer.request()) {
+      throw InvalidArgument(std::string("Pool: under ") + to_string(method) +
+                            " the initializer must be a function pointer, a captureless lambda or an encodable "
+                            "functor (a closure cannot reach a worker that does not inherit this process's memory)");
+    }
     max_tasks = o.max_tasks_per_child;
     max_payload = o.max_message_bytes;
     if (o.task_timeout.count() < 0) throw InvalidArgument("Pool: task_timeout must not be negative");
@@ -332,9 +367,17 @@ struct PoolCore::Impl {
   // ---- supervisor ----
   void run(std::promise<void>& started) {
     sys::block_all_signals_in_this_thread();
+    library_thread_started();
+    struct Ended {
+      ~Ended() { library_thread_ended(); }
+    } ended;
     try {
       workers.resize(static_cast<std::size_t>(processes));
-      for (auto& w : workers) spawn(w);
+      // Children started by exec answer their handshake in parallel: start them all, then wait.
+      for (auto& w : workers) spawn(w, false);
+      if (method != StartMethod::fork) {
+        for (auto& w : workers) await_hello(w.channel, w.child, kHelloTimeout);
+      }
       started.set_value();
     } catch (...) {
       kill_all();
@@ -359,30 +402,81 @@ struct PoolCore::Impl {
     cancel_everything("the pool was terminated before the task finished");
   }
 
-  void spawn(Worker& w) {
+  // Starts a worker into `w`. Under forkserver and spawn, waits for its handshake when
+  // `wait_hello` (else the caller does: await_hello).
+  void spawn(Worker& w, bool wait_hello = true) {
     auto ends = sys::socket_pair();
     sys::UniqueFd& parent_end = ends.first;
     sys::UniqueFd& child_end = ends.second;
-    sys::SharedMapping page(4096);
-    auto* progress = new (page.data()) Progress;
-    const int keep[] = {child_end.get()};
-    const WorkerConfig config{&initializer, max_tasks, max_payload, task_timeout.count() > 0};
-    sys::ForkOptions fo;
-    fo.keep_fds = keep;
-    fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
-    const pid_t pid = sys::fork_process(fo, [&] { worker_main(child_end.release(), progress, config); });
     w = Worker{};
-    try {
-      w.pidfd = sys::pidfd_open(pid);
-    } catch (...) {
-      sys::kill_and_reap(pid);
-      throw;
+    if (method == StartMethod::fork) {
+      sys::SharedMapping page(4096);
+      auto* progress = new (page.data()) Progress;
+      const int keep[] = {child_end.get()};
+      WorkerConfig config{{}, max_tasks, max_payload, task_timeout.count() > 0};
+      if (initializer) {
+        config.initialize = [this](Writer& failure) {
+          try {
+            initializer();
+            return true;
+          } catch (...) {
+            encode_current_exception(failure);
+            return false;
+          }
+        };
+      }
+      sys::ForkOptions fo;
+      fo.keep_fds = keep;
+      fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
+      check_fork_safety();
+      const pid_t pid = sys::fork_process(fo, [&] {
+        worker_main(Channel(sys::UniqueFd(child_end.release()), max_payload), progress, config);
+      });
+      try {
+        w.child = Child(pid, sys::pidfd_open(pid));
+      } catch (...) {
+        sys::kill_and_reap(pid);
+        throw;
+      }
+      w.progress_page = std::move(page);
+      w.progress_ptr = progress;
+    } else {
+      sys::UniqueFd page_fd = sys::memfd("multiproc-progress", 4096);
+      sys::FileMapping page(page_fd.get(), 4096);
+      auto* progress = new (page.data()) Progress;
+      const int fds[] = {child_end.get(), page_fd.get()};
+      w.child = launch(method, fds);
+      child_end.reset();
+      page_fd.reset();
+      w.progress_file = std::move(page);
+      w.progress_ptr = progress;
     }
-    w.pid = pid;
+    w.pid = w.child.pid();
     w.channel = Channel(std::move(parent_end), max_payload);
-    w.progress_page = std::move(page);
+    if (method != StartMethod::fork) {
+      Writer boot;
+      begin_boot_frame(boot, BootRole::pool_worker);
+      boot.write_value(static_cast<std::uint64_t>(max_tasks));
+      boot.write_value(static_cast<std::uint64_t>(max_payload));
+      boot.write_value(static_cast<std::uint8_t>(task_timeout.count() > 0));
+      encode(boot, initializer.request());
+      send_boot(w.channel, boot);
+      if (wait_hello) {
+        try {
+          await_hello(w.channel, w.child, kHelloTimeout);
+        } catch (...) {
+          w.child.signal(SIGKILL, true);
+          try {
+            w.child.reap(false);
+          } catch (...) {
+          }
+          w = Worker{};
+          throw;
+        }
+      }
+    }
     std::lock_guard lock(mutex);
-    pids.push_back(pid);
+    pids.push_back(w.pid);
   }
 
   void loop() {
@@ -406,8 +500,8 @@ struct PoolCore::Impl {
       for (auto& w : workers) {
         if (w.pid == 0) continue;
         fds.push_back({w.channel_open ? w.channel.fd() : -1, POLLIN, 0});
-        fds.push_back({w.pidfd.get(), POLLIN, 0});
-        if (!w.pidfd) need_timeout = true;
+        fds.push_back({w.child.watch_fd(), POLLIN, 0});
+        if (w.child.watch_fd() < 0) need_timeout = true;
       }
       std::chrono::milliseconds wait(need_timeout ? 10 : -1);
       if (const auto next = next_task_deadline()) {
@@ -423,7 +517,7 @@ struct PoolCore::Impl {
         const short chan = fds[k++].revents;
         const short died = fds[k++].revents;
         if (chan && w.channel_open) read_from(w);
-        if (died || !w.pidfd) check_exit(w);
+        if (died || w.child.watch_fd() < 0) check_exit(w);
       }
       kill_overdue_workers();
       // Replace workers that are gone, unless the pool is winding down with nothing left to do.
@@ -622,24 +716,21 @@ struct PoolCore::Impl {
   }
 
   void check_exit(Worker& w) {
-    std::optional<siginfo_t> info;
+    std::optional<ExitStatus> ended;
     try {
-      info = sys::wait_child(w.pid, w.pidfd.get(), true);
+      ended = w.child.reap(true);
     } catch (const SystemError&) {
       // ECHILD: reaped behind our back (SIGCHLD set to SIG_IGN by the application).
-      siginfo_t unknown{};
-      unknown.si_code = CLD_KILLED;
-      unknown.si_status = SIGKILL;
-      info = unknown;
+      ended = ExitStatus::from_siginfo(CLD_KILLED, SIGKILL);
     }
-    if (!info) return;
+    if (!ended) return;
     // Results written just before the exit are still in the socket: take them first.
     while (w.channel_open) {
       pollfd p{w.channel.fd(), POLLIN, 0};
       if (sys::poll_fds(&p, 1, std::chrono::milliseconds(0)) == 0) break;
       read_from(w);
     }
-    const ExitStatus status = ExitStatus::from_siginfo(info->si_code, info->si_status);
+    const ExitStatus status = *ended;
     if (w.progress()->initialized.load(std::memory_order_relaxed) == 0) {
       // Died in its initializer (or before): if that happens again and again, stop, instead of
       // restarting workers forever as Python does.
@@ -719,7 +810,7 @@ struct PoolCore::Impl {
     for (auto& w : workers) {
       if (!w.pid) continue;
       try {
-        sys::wait_child(w.pid, w.pidfd.get(), false);
+        w.child.reap(false);
       } catch (const SystemError&) {
       }
       w = Worker{};
@@ -742,7 +833,7 @@ struct PoolCore::Impl {
     for (auto& w : workers) {
       if (!w.pid) continue;
       try {
-        sys::wait_child(w.pid, w.pidfd.get(), false);
+        w.child.reap(false);
       } catch (...) {
       }
       for (auto& f : w.inflight)

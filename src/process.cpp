@@ -11,6 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include "channel.hpp"
+#include "launch.hpp"
 #include "platform.hpp"
 
 namespace multiproc {
@@ -19,20 +21,20 @@ namespace detail {
 
 struct ProcessState {
   std::mutex mutex;
-  pid_t pid = 0;
-  sys::UniqueFd pidfd;
+  Child child;
   std::optional<ExitStatus> status;
   bool daemon = false;
+
+  pid_t pid() const noexcept { return child.pid(); }
 
   // Reaps the child if it has ended (or waits for that when `nohang` is false). Returns true once
   // the status is known.
   bool reap(bool nohang) {
     std::lock_guard lock(mutex);
     if (status) return true;
-    auto info = sys::wait_child(pid, pidfd.get(), nohang);
-    if (!info) return false;
-    status = ExitStatus::from_siginfo(info->si_code, info->si_status);
-    pidfd.reset();
+    auto st = child.reap(nohang);
+    if (!st) return false;
+    status = *st;
     return true;
   }
 
@@ -43,7 +45,7 @@ struct ProcessState {
     {
       std::lock_guard lock(mutex);
       if (status) return true;
-      fd = pidfd.get();
+      fd = child.watch_fd();
     }
     if (fd >= 0) {
       const auto ms =
@@ -114,8 +116,8 @@ void at_exit() noexcept {
   for (auto& s : live) {
     try {
       if (s->daemon && !s->reap(true)) {
-        sys::send_signal(s->pid, SIGTERM, true);
-        if (!s->wait_ended(std::chrono::seconds(1))) sys::send_signal(s->pid, SIGKILL, true);
+        sys::send_signal(s->pid(), SIGTERM, true);
+        if (!s->wait_ended(std::chrono::seconds(1))) sys::send_signal(s->pid(), SIGKILL, true);
       }
       s->wait_ended(std::chrono::nanoseconds(-1));
       s->reap(false);
@@ -144,6 +146,40 @@ std::atomic<unsigned> g_process_counter{0};
 }
 
 }  // namespace
+
+// A Process target in a spawned or forkserver child: runs the call, reports an exception the way
+// child_main does, and exits.
+void run_process_role(Channel& channel, Reader& boot) noexcept {
+  int code = 0;
+  try {
+    const auto name = decode<std::string>(boot);
+    channel.handle().reset();
+    Writer reply;
+    std::string type;
+    std::string message;
+    try {
+      run_call(boot, reply);
+      Reader r(reply.bytes());
+      if (read_outcome_tag(r) != OutcomeTag::value) {
+        type = decode<std::string>(r);
+        message = decode<std::string>(r);
+        code = 1;
+      }
+    } catch (const std::exception& e) {
+      type = current_exception_type_name();
+      message = e.what();
+      code = 1;
+    }
+    if (code) {
+      const std::string msg = "Process " + name + ":\n" + type + (message.empty() ? "" : ": " + message) + "\n";
+      (void)!::write(2, msg.data(), msg.size());
+    }
+  } catch (...) {
+    code = 2;
+  }
+  sys::detail_fork::child_exit(code);
+}
+
 }  // namespace detail
 
 Process::Process(ProcessOptions options, std::unique_ptr<detail::Target> target)
@@ -176,18 +212,50 @@ void Process::start() {
 
   auto state = std::make_shared<detail::ProcessState>();
   state->daemon = options_.daemon;
-  detail::Target& target = *target_;
-  const std::string& name = options_.name;
-  state->pid = detail::sys::fork_process({}, [&] { detail::child_main(target, name); });
-  try {
-    state->pidfd = detail::sys::pidfd_open(state->pid);
+  const StartMethod method = start_method();
+  if (method == StartMethod::fork) {
+    detail::check_fork_safety();
+    detail::Target& target = *target_;
+    const std::string& name = options_.name;
+    const pid_t pid = detail::sys::fork_process({}, [&] { detail::child_main(target, name); });
+    try {
+      state->child = detail::Child(pid, detail::sys::pidfd_open(pid));
+    } catch (...) {
+      // start() reports failure: the child must not go on without anyone knowing of it.
+      detail::sys::kill_and_reap(pid);
+      throw;
+    }
+  } else {
+    Writer boot;
+    detail::begin_boot_frame(boot, detail::BootRole::process);
+    encode(boot, options_.name);
+    if (!target_->encode_call(boot)) {
+      throw InvalidArgument("Process " + options_.name + ": under " + to_string(method) +
+                            " the target must be a function pointer, a captureless lambda or an encodable functor, "
+                            "with encodable arguments: a closure or a reference cannot reach a process that does not "
+                            "inherit this one's memory");
+    }
+    auto [ours, theirs] = detail::sys::socket_pair();
+    const int fds[] = {theirs.get()};
+    state->child = detail::launch(method, fds);
+    theirs.reset();
+    detail::Channel channel(std::move(ours), std::size_t{1} << 20);
+    try {
+      detail::send_boot(channel, boot);
+      detail::await_hello(channel, state->child, detail::kHelloTimeout);
+    } catch (...) {
+      state->child.signal(SIGKILL, true);
+      try {
+        state->child.reap(false);
+      } catch (...) {
+      }
+      throw;
+    }
+  }
+  {
     auto& c = detail::children();
     std::lock_guard lock(c.mutex);
     c.live.push_back(state);
-  } catch (...) {
-    // start() reports failure: the child must not go on without anyone knowing of it.
-    detail::sys::kill_and_reap(state->pid);
-    throw;
   }
   state_ = std::move(state);
 }
@@ -217,7 +285,9 @@ bool Process::is_alive() {
   return !state_->reap(true);
 }
 
-pid_t Process::pid() const noexcept { return state_ ? state_->pid : 0; }
+pid_t Process::pid() const noexcept { return state_ ? state_->pid() : 0; }
+
+StartMethod Process::start_method() const { return detail::resolve_start_method(options_.start_method); }
 
 void Process::set_daemon(bool daemon) {
   if (state_) throw StateError("Process " + options_.name + ": set_daemon() after start()");
@@ -229,7 +299,7 @@ void Process::send_signal(int signal) {
   std::lock_guard lock(state_->mutex);
   // Once reaped, the pid may belong to someone else: never signal it.
   if (state_->status) return;
-  detail::sys::send_signal(state_->pid, signal, true);
+  detail::sys::send_signal(state_->pid(), signal, true);
 }
 
 void Process::terminate() { send_signal(SIGTERM); }
@@ -249,7 +319,7 @@ std::optional<int> Process::exitcode() {
 int Process::sentinel() const noexcept {
   if (!state_) return -1;
   std::lock_guard lock(state_->mutex);
-  return state_->pidfd.get();
+  return state_->child.watch_fd();
 }
 
 }  // namespace multiproc

@@ -1,5 +1,6 @@
 // The invoker registry, function addresses, and exceptions crossing from workers to the parent.
 #include <link.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -29,8 +30,18 @@ struct InvokerRegistry {
   std::unordered_map<std::uint64_t, InvokerEntry> entries;
 };
 
+InvokerRegistry& invokers();
+
+// A forked child's copy of the lock may be held by a parent thread that does not exist in the
+// child (one registering a plugin's tasks at that moment): the child starts with a fresh lock.
+void reset_invoker_lock_in_child() noexcept { new (&invokers().mutex) std::mutex; }
+
 InvokerRegistry& invokers() {
-  static InvokerRegistry* r = new InvokerRegistry;  // never destroyed: workers use it to the end
+  static InvokerRegistry* r = [] {
+    auto* r = new InvokerRegistry;  // never destroyed: workers use it to the end
+    ::pthread_atfork(nullptr, nullptr, reset_invoker_lock_in_child);
+    return r;
+  }();
   return *r;
 }
 
@@ -64,6 +75,21 @@ InvokeFn find_invoker(std::uint64_t id) noexcept {
   std::lock_guard lock(r.mutex);
   auto it = r.entries.find(id);
   return it == r.entries.end() ? nullptr : it->second.fn;
+}
+
+InvokeFn require_invoker(std::uint64_t id) {
+  if (const InvokeFn fn = find_invoker(id)) return fn;
+  char hex[32];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
+  throw ProtocolError(std::string("unknown task id ") + hex +
+                      ": this process has no such task (a different build, or a task of a library the parent "
+                      "loaded after this process started)");
+}
+
+void run_call(Reader& request, Writer& reply) {
+  const auto id = request.read_value<std::uint64_t>();
+  require_invoker(id)(request, 1, reply, TaskContext{});
+  if (request.remaining() != 0) throw ProtocolError("call request has trailing bytes");
 }
 
 // ---- function addresses ----------------------------------------------------------------------

@@ -412,6 +412,24 @@ std::vector<pid_t> read_pids(const std::string& path) {
   return out;
 }
 
+// Appends the worker's pid to a file: an initializer with state that every start method can send
+// (a functor the codec encodes through its serialize()).
+struct AppendPidTo {
+  std::string path;
+  void operator()() const {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0) throw std::runtime_error("cannot open marker file");
+    const std::string line = std::to_string(::getpid()) + "\n";
+    const ssize_t n = ::write(fd, line.data(), line.size());
+    ::close(fd);
+    if (n != static_cast<ssize_t>(line.size())) throw std::runtime_error("short write");
+  }
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(path);
+  }
+};
+
 TEST(PoolInitializer, RunsOnceInEachWorker) {
   char tmpl[] = "/tmp/multiproc-pool-init-XXXXXX";
   const int tfd = ::mkstemp(tmpl);
@@ -420,14 +438,7 @@ TEST(PoolInitializer, RunsOnceInEachWorker) {
   const std::string path = tmpl;
   std::set<pid_t> task_pids;
   {
-    multiproc::Pool pool{{.processes = 2, .initializer = [path] {
-                            const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
-                            if (fd < 0) throw std::runtime_error("cannot open marker file");
-                            const std::string line = std::to_string(::getpid()) + "\n";
-                            const ssize_t n = ::write(fd, line.data(), line.size());
-                            ::close(fd);
-                            if (n != static_cast<ssize_t>(line.size())) throw std::runtime_error("short write");
-                          }}};
+    multiproc::Pool pool{{.processes = 2, .initializer = AppendPidTo{path}}};
     for (int round = 0; round < 5; ++round) {
       for (pid_t p : pool.map(pid_of_worker, iota_vector(40), 1)) task_pids.insert(p);
     }
@@ -475,10 +486,7 @@ TEST(PoolInitializer, ThrowingInitializerFailsEveryTaskWithInitializerError) {
     EXPECT_THROW((void)pool.map(square, iota_vector(5)), multiproc::InitializerError);
   }
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 3s);
-  EXPECT_TRUE(eventually([] {
-    errno = 0;
-    return ::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD;
-  }));
+  EXPECT_TRUE(eventually([] { return test_support::has_no_children(); }));
 }
 
 TEST(PoolInitializer, SlowThrowingInitializerFailsTasksAlreadySentWithInitializerError) {

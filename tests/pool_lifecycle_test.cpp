@@ -351,7 +351,8 @@ TEST(PoolMove, MoveAssignmentTerminatesTheOldPool) {
 TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
   auto pool = std::make_unique<multiproc::Pool>(multiproc::PoolOptions{.processes = 1});
   const auto workers = pool->worker_pids();
-  multiproc::Process child{[&pool] {
+  // A forked child, explicitly: it is the inherited copy of the pool that is under test.
+  multiproc::Process child{multiproc::ProcessOptions{.start_method = multiproc::StartMethod::fork}, [&pool] {
     int code = 1;
     try {
       (void)pool->apply(pooltest::square, 3);

@@ -13,6 +13,8 @@
 
 #include <multiproc/multiproc.hpp>
 
+#include "test_support.hpp"
+
 // POOLTEST_ASAN: built with AddressSanitizer (gcc or clang), for the tests that must adapt to it.
 #if defined(__SANITIZE_ADDRESS__)
 #define POOLTEST_ASAN 1

@@ -1,6 +1,8 @@
 // Helpers shared by the tests that fork: stderr capture, /proc inspection, pipes, waiting.
 #pragma once
 
+#include "launch.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -174,11 +176,35 @@ inline std::optional<int> wait_exit(pid_t pid, std::chrono::milliseconds timeout
   }
 }
 
-/// True when this process has no child left, running or zombie.
-inline bool has_no_children() {
-  errno = 0;
-  return ::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD;
+/// The pids of this process's children, running or zombie (from /proc), except the fork server,
+/// which lives as long as the process once started.
+inline std::vector<pid_t> child_pids() {
+  std::vector<pid_t> out;
+  const pid_t self = ::getpid();
+  const pid_t server = multiproc::detail::fork_server_pid();
+  DIR* d = ::opendir("/proc");
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    const pid_t pid = static_cast<pid_t>(std::atoi(e->d_name));
+    if (pid <= 0 || pid == server) continue;
+    const std::string path = std::string("/proc/") + e->d_name + "/stat";
+    FILE* f = std::fopen(path.c_str(), "r");
+    if (!f) continue;
+    char buf[512];
+    const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = '\0';
+    const char* p = std::strrchr(buf, ')');
+    char state = 0;
+    int ppid = 0;
+    if (p && std::sscanf(p + 1, " %c %d", &state, &ppid) == 2 && ppid == self) out.push_back(pid);
+  }
+  ::closedir(d);
+  return out;
 }
+
+/// True when this process has no child left, running or zombie (the fork server aside).
+inline bool has_no_children() { return child_pids().empty(); }
 
 /// The number of open descriptors of this process.
 inline int count_open_fds() {

@@ -77,6 +77,20 @@ class InvalidArgument : public detail::BasicError<std::invalid_argument> {
   using BasicError::BasicError;
 };
 
+/// A child process could not be started by spawn or forkserver: it did not complete its handshake
+/// (it died first, or its main() did not call multiproc::init()), or it refused the parent.
+class StartError : public detail::BasicError<std::runtime_error> {
+ public:
+  using BasicError::BasicError;
+};
+
+/// The executable a worker was started from is a different build than the parent (their build ids
+/// differ): the two would not agree on task ids or encodings, so the worker refuses to run.
+class BuildMismatch final : public StartError {
+ public:
+  using StartError::StartError;
+};
+
 // ---- errors of tasks run by a Pool ------------------------------------------------------------
 
 /// What every exception that came back from a worker carries: the type the task threw (demangled),

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "multiproc/codec.hpp"
+#include "multiproc/context.hpp"
 #include "multiproc/cpu.hpp"
 #include "multiproc/error.hpp"
 #include "multiproc/exit_status.hpp"
@@ -10,5 +11,6 @@
 #include "multiproc/process.hpp"
 #include "multiproc/queue.hpp"
 #include "multiproc/shared_memory.hpp"
+#include "multiproc/start_method.hpp"
 #include "multiproc/sync.hpp"
 #include "multiproc/value.hpp"

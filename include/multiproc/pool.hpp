@@ -50,15 +50,51 @@
 #include "multiproc/detail/pool_core.hpp"
 #include "multiproc/detail/task.hpp"
 #include "multiproc/error.hpp"
+#include "multiproc/start_method.hpp"
 
 namespace multiproc {
+
+/// What PoolOptions::initializer holds: any callable with no arguments. Under fork it runs as it
+/// is (it may capture anything); under forkserver and spawn it must be sendable like a task (a
+/// function pointer, a captureless lambda or an encodable functor), or the Pool refuses to start.
+class Initializer {
+ public:
+  Initializer() = default;
+  Initializer(std::nullptr_t) noexcept {}  // NOLINT: no initializer
+  // clang-format off
+  template <class F>
+    requires(!std::same_as<std::remove_cvref_t<F>, Initializer> && !std::same_as<std::remove_cvref_t<F>, std::nullptr_t> &&
+             std::invocable<std::decay_t<F>&>)
+  Initializer(F&& f) : local_(f) {  // NOLINT: implicit, like std::function
+    using Fn = std::decay_t<F>;
+    if constexpr (detail::is_sendable_v<Fn>) {
+      Writer w;
+      detail::encode_call(w, static_cast<const Fn&>(f), std::tuple<>{});
+      const auto b = w.bytes();
+      request_.emplace(b.begin(), b.end());
+    }
+  }
+  // clang-format on
+
+  explicit operator bool() const noexcept { return static_cast<bool>(local_); }
+  void operator()() const { local_(); }
+  /// The call request for a worker that does not inherit this process (empty when not sendable).
+  [[nodiscard]] const std::optional<std::vector<std::byte>>& request() const noexcept { return request_; }
+
+ private:
+  std::function<void()> local_;
+  std::optional<std::vector<std::byte>> request_;
+};
 
 struct PoolOptions {
   /// Number of worker processes; default cpu_count(). Zero or negative: InvalidArgument.
   std::optional<int> processes{};
-  /// Runs once in each worker when it starts (under fork it may capture anything). If it throws,
-  /// every task of the pool fails with InitializerError.
-  std::function<void()> initializer{};
+  /// Runs once in each worker when it starts. If it throws, every task of the pool fails with
+  /// InitializerError.
+  Initializer initializer{};
+  /// How workers are started: fork, forkserver or spawn (start_method.hpp); default
+  /// get_start_method(). Every Pool method, fault and error works the same under all three.
+  std::optional<StartMethod> start_method{};
   /// A worker exits after this many chunks (tasks, in Python's sense) and is replaced; 0 = never.
   std::size_t max_tasks_per_child = 0;
   /// Upper bound for one request or one chunk's results, in bytes; larger fails that call with

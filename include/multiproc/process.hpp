@@ -40,15 +40,12 @@
 #include <type_traits>
 #include <utility>
 
+#include "multiproc/detail/task.hpp"
 #include "multiproc/error.hpp"
 #include "multiproc/exit_status.hpp"
+#include "multiproc/start_method.hpp"
 
 namespace multiproc {
-
-/// How a child process is made. Only fork exists today.
-enum class StartMethod {
-  fork,  ///< The child is a copy of the parent: closures and data are inherited.
-};
 
 struct ProcessOptions {
   /// Defaults to "Process-N", N counting from 1 in each process.
@@ -56,7 +53,11 @@ struct ProcessOptions {
   /// A daemon child is terminated when its parent exits normally, instead of being joined; like
   /// every child it is killed when the parent dies abnormally.
   bool daemon = false;
-  StartMethod start_method = StartMethod::fork;
+  /// fork, forkserver or spawn (see start_method.hpp); default: get_start_method(). Under
+  /// forkserver and spawn the target must be sendable (a function pointer, captureless lambda or
+  /// encodable functor) and its arguments encodable: start() throws InvalidArgument otherwise
+  /// (get_context<StartMethod::spawn>().process(...) refuses at compile time instead).
+  std::optional<StartMethod> start_method{};
 };
 
 namespace detail {
@@ -66,7 +67,13 @@ class Target {
  public:
   virtual ~Target() = default;
   virtual void run() = 0;
+  /// Writes the target as a call request (encode_call) for a child that does not inherit this
+  /// process's memory; false when it cannot be sent (a closure, an unencodable argument).
+  virtual bool encode_call(Writer& w) const = 0;
 };
+
+template <class F, class... Args>
+inline constexpr bool is_sendable_target_v = is_sendable_v<F> && (Encodable<Args> && ...);
 
 template <class F, class... Args>
 class BoundTarget final : public Target {
@@ -75,6 +82,14 @@ class BoundTarget final : public Target {
   explicit BoundTarget(G&& f, A&&... args) : f_(std::forward<G>(f)), args_(std::forward<A>(args)...) {}
   void run() override {
     std::apply([this](auto&... a) { std::invoke(f_, a...); }, args_);
+  }
+  bool encode_call(Writer& w) const override {
+    if constexpr (is_sendable_target_v<F, Args...>) {
+      detail::encode_call(w, f_, args_);
+      return true;
+    } else {
+      return false;
+    }
   }
 
  private:
@@ -128,7 +143,8 @@ class Process {
   [[nodiscard]] bool daemon() const noexcept { return options_.daemon; }
   /// Only before start(); StateError after.
   void set_daemon(bool daemon);
-  [[nodiscard]] StartMethod start_method() const noexcept { return options_.start_method; }
+  /// The method start() uses (or used): the options' or, when they name none, get_start_method().
+  [[nodiscard]] StartMethod start_method() const;
 
   /// SIGTERM to the child's process group. Does nothing if the child has already ended.
   void terminate();

@@ -60,6 +60,8 @@ using InvokeFn = void (*)(Reader& request, std::uint32_t count, Writer& reply, c
 std::uint64_t register_invoker(const char* mangled_name, InvokeFn fn);
 /// The invoker registered under `id`, or nullptr.
 InvokeFn find_invoker(std::uint64_t id) noexcept;
+/// The invoker registered under `id`; ProtocolError naming the id when there is none.
+InvokeFn require_invoker(std::uint64_t id);
 
 /// A function's address as (module index, offset in the module).
 void encode_function_address(Writer& w, void (*fn)());
@@ -129,6 +131,23 @@ constexpr void check_sendable() {
   }
 }
 
+/// True for what can be sent to a process that did not inherit the caller's memory: function
+/// pointers, and class types that are default-constructible and empty or encodable.
+template <class Fn>
+inline constexpr bool is_sendable_v = [] {
+  if constexpr (is_function_pointer_v<Fn>) {
+    return true;
+  } else if constexpr (std::is_class_v<Fn>) {
+    if constexpr (std::is_default_constructible_v<Fn>) {
+      return std::is_empty_v<Fn> || Encodable<Fn>;
+    } else {
+      return false;
+    }
+  } else {
+    return false;
+  }
+}();
+
 template <class Fn>
 void encode_function(Writer& w, const Fn& f) {
   if constexpr (is_function_pointer_v<Fn>) {
@@ -195,5 +214,40 @@ struct Invoker {
 
 template <class Fn, class Item, bool Star>
 const std::uint64_t Invoker<Fn, Item, Star>::id = register_invoker(typeid(Invoker).name(), &Invoker::invoke);
+
+/// Runs a callable once on a tuple of arguments, discarding its result: a Process target or a
+/// pool initializer sent to a spawned or forkserver child. The request is the callable and the
+/// tuple; the reply one outcome (a value with nothing after it, or the exception).
+template <class Fn, class Args>
+struct CallInvoker {
+  static void invoke(Reader& request, std::uint32_t, Writer& reply, const TaskContext&) {
+    const std::size_t mark = reply.size();
+    try {
+      Fn f = decode_function<Fn>(request);
+      Args args = decode<Args>(request);
+      std::apply([&](auto&... a) { std::invoke(f, a...); }, args);
+      reply.write_value(static_cast<std::uint8_t>(OutcomeTag::value));
+    } catch (...) {
+      reply.truncate(mark);
+      encode_current_exception(reply);
+    }
+  }
+  static const std::uint64_t id;
+};
+
+template <class Fn, class Args>
+const std::uint64_t CallInvoker<Fn, Args>::id = register_invoker(typeid(CallInvoker).name(), &CallInvoker::invoke);
+
+/// Writes a CallInvoker request: its id, the callable, the arguments.
+template <class Fn, class Args>
+void encode_call(Writer& w, const Fn& f, const Args& args) {
+  w.write_value(CallInvoker<Fn, Args>::id);
+  encode_function(w, f);
+  encode(w, args);
+}
+
+/// Runs a request written by encode_call(); the outcome goes to `reply`. An unknown id is a
+/// ProtocolError.
+void run_call(Reader& request, Writer& reply);
 
 }  // namespace multiproc::detail
