@@ -172,15 +172,7 @@ class ForkServerClient {
         return request(fds);
       } catch (const StartError&) {
         // The server is gone (killed, or out of resources): start a new one, once.
-        control_.reset();
-        if (server_) {
-          server_->signal(SIGKILL, true);
-          try {
-            server_->reap(false);
-          } catch (...) {
-          }
-          server_.reset();
-        }
+        stop();
         if (attempt > 0) throw;
       }
     }
@@ -188,7 +180,11 @@ class ForkServerClient {
 
  private:
   void adopt() {
-    if (owner_ == sys::current_pid()) return;
+    if (owner_ == sys::current_pid()) {
+      // set_executable() since the server started: the next one runs the new program.
+      if (control_.valid() && executable_ != executable_path()) stop();
+      return;
+    }
     // Inherited through fork: the server belongs to the parent. Start our own when needed.
     (void)server_.release();
     (void)control_.release();
@@ -202,21 +198,41 @@ class ForkServerClient {
     const int keep[] = {theirs.get()};
     // Not tied to the starting thread's life (a pool's supervisor may start it): it ends when
     // this process does, through EOF on the control socket.
+    executable_ = executable_path();
     server_ = std::make_unique<Child>(exec_child("forkserver", keep, false));
     control_ = std::move(ours);
   }
 
+  void stop() noexcept {
+    control_.reset();
+    if (server_) {
+      server_->signal(SIGKILL, true);
+      try {
+        server_->reap(false);
+      } catch (...) {
+      }
+      server_.reset();
+    }
+  }
+
   Child request(std::span<const int> fds) {
     const std::uint32_t op = kServerRequest;
+    // The child writes to this process's stdout and stderr as they are now, not the server's.
+    std::vector<int> all(fds.begin(), fds.end());
+    all.push_back(STDOUT_FILENO);
+    all.push_back(STDERR_FILENO);
     try {
-      sys::send_message(control_.get(), std::as_bytes(std::span(&op, 1)), fds);
+      sys::send_message(control_.get(), std::as_bytes(std::span(&op, 1)), all);
     } catch (const SystemError& e) {
       throw StartError(std::string("the fork server is gone: ") + e.what());
     }
     ServerReply reply{};
     std::vector<sys::UniqueFd> got;
     const std::size_t n = sys::recv_message(control_.get(), std::as_writable_bytes(std::span(&reply, 1)), got);
-    if (n == 0) throw StartError("the fork server is gone (it ended without answering)");
+    if (n == 0) {
+      throw StartError(
+          "the fork server ended without answering: does the program's main() call multiproc::init() first?");
+    }
     if (n != sizeof reply) throw ProtocolError("the fork server sent a malformed reply");
     if (reply.pid_or_errno < 0) throw SystemError(-reply.pid_or_errno, "fork (in the fork server)");
     if (got.empty()) throw ProtocolError("the fork server's reply carried no status pipe");
@@ -228,6 +244,7 @@ class ForkServerClient {
   pid_t owner_ = sys::current_pid();
   std::unique_ptr<Child> server_;
   sys::UniqueFd control_;
+  std::string executable_;
 };
 
 ForkServerClient& fork_server() {
@@ -261,7 +278,10 @@ ForkServerClient& fork_server() {
       std::vector<sys::UniqueFd> got;
       const std::size_t n = sys::recv_message(control.get(), std::as_writable_bytes(std::span(&op, 1)), got);
       if (n == 0) break;  // the parent is gone
-      if (n != sizeof op || op != kServerRequest || got.empty()) continue;
+      if (n != sizeof op || op != kServerRequest || got.size() < 3) continue;
+      // The last two are the parent's stdout and stderr.
+      const int out = got[got.size() - 2].get();
+      const int err = got[got.size() - 1].get();
       std::vector<int> keep;
       for (auto& fd : got) keep.push_back(fd.get());
       ServerReply reply{};
@@ -271,8 +291,12 @@ ForkServerClient& fork_server() {
         fo.keep_fds = keep;
         fo.clear_signal_mask = true;
         const pid_t pid = sys::fork_process(fo, [&] {
+          ::dup2(out, STDOUT_FILENO);
+          ::dup2(err, STDERR_FILENO);
+          ::close(out);
+          ::close(err);
           std::vector<sys::UniqueFd> mine;
-          for (int fd : keep) mine.emplace_back(fd);
+          for (std::size_t i = 0; i + 2 < keep.size(); ++i) mine.emplace_back(keep[i]);
           boot_child(std::move(mine));
         });
         reply.pid_or_errno = pid;

@@ -549,10 +549,17 @@ struct PoolCore::Impl {
     return t + std::chrono::duration_cast<std::chrono::steady_clock::duration>(task_timeout);
   }
 
+  // The next moment the supervisor must look at the clock: the earliest task deadline, or soon
+  // when a worker holds chunks but has not stamped the start of one of them yet (nothing else
+  // would wake the supervisor when it does).
   std::optional<std::chrono::steady_clock::time_point> next_task_deadline() const {
     std::optional<std::chrono::steady_clock::time_point> next;
+    if (task_timeout.count() <= 0) return next;
+    const auto recheck = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
     for (const auto& w : workers) {
-      if (const auto d = task_deadline(w); d && (!next || *d < *next)) next = d;
+      auto d = task_deadline(w);
+      if (!d && w.pid != 0 && !w.inflight.empty() && !w.timed_out) d = recheck;
+      if (d && (!next || *d < *next)) next = d;
     }
     return next;
   }

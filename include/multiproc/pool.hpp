@@ -92,9 +92,6 @@ struct PoolOptions {
   /// Runs once in each worker when it starts. If it throws, every task of the pool fails with
   /// InitializerError.
   Initializer initializer{};
-  /// How workers are started: fork, forkserver or spawn (start_method.hpp); default
-  /// get_start_method(). Every Pool method, fault and error works the same under all three.
-  std::optional<StartMethod> start_method{};
   /// A worker exits after this many chunks (tasks, in Python's sense) and is replaced; 0 = never.
   std::size_t max_tasks_per_child = 0;
   /// Upper bound for one request or one chunk's results, in bytes; larger fails that call with
@@ -103,6 +100,9 @@ struct PoolOptions {
   /// A task (one item) running longer than this has its worker's process group SIGKILLed and
   /// fails with TaskTimeout; the worker is replaced and every other task goes on. 0: no limit.
   std::chrono::nanoseconds task_timeout{0};
+  /// How workers are started: fork, forkserver or spawn (start_method.hpp); default
+  /// get_start_method(). Every Pool method, fault and error works the same under all three.
+  std::optional<StartMethod> start_method{};
 };
 
 /// Registers an exception type so that a task throwing it is rethrown in the parent as that type
