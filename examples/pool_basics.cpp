@@ -28,6 +28,7 @@ int get_pid() { return static_cast<int>(::getpid()); }
 void sleep_seconds(int s) { std::this_thread::sleep_for(std::chrono::seconds(s)); }
 
 int main() {
+  multiproc::init();  // first in main (see README: start methods)
   mp::Pool pool{{.processes = 4}};
   std::vector<int> range10(10);
   std::iota(range10.begin(), range10.end(), 0);  // Python's range(10)

@@ -24,6 +24,7 @@ bool is_prime(std::int64_t n) {
 }
 
 int main() {
+  multiproc::init();  // first in main (see README: start methods)
   const std::vector<std::int64_t> primes = {112272535095293, 112582705942171, 112272535095293,
                                             115280095190773, 115797848077099, 1099726899285419};
   multiproc::Pool pool;

@@ -94,11 +94,14 @@ const Computation kComputations[] = {
     {"prime count", count_primes},
 };
 
+std::size_t block_count_of(std::size_t) { return kBlocks; }
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 int main(int argc, char** argv) {
+  mp::init();  // first: lets this program be a spawned or forkserver child of itself
   CLI::App app{"multiproc seed demo: several computations on one input, sequential vs processes vs pool"};
   std::size_t size = 10'000'000;
   int processes = mp::cpu_count();
@@ -183,6 +186,17 @@ int main(int argc, char** argv) {
   const double longest = *std::max_element(seq_time, seq_time + n);
   std::printf("(pool start: %.1f ms; one task per computation cannot beat the longest one, %.3f s: %.2fx at most)\n",
               pool_start * 1e3, longest, sequential / longest);
+
+  // Pool start by start method: construction to the first result (under forkserver and spawn the
+  // workers would not see the input: tasks there must get their data as arguments).
+  std::printf("\npool of %d to its first result:", processes);
+  for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
+    const auto t = std::chrono::steady_clock::now();
+    mp::Pool p{{.processes = processes, .start_method = method}};
+    (void)p.apply(block_count_of, std::size_t{0});
+    std::printf("  %s %.1f ms", mp::to_string(method), seconds_since(t) * 1e3);
+  }
+  std::printf(" (forkserver includes starting its server)\n");
 
   if (crash) {
     // 4. The same computations plus one that segfaults: only its row fails.
