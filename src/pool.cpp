@@ -220,9 +220,8 @@ void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::Uniqu
     config.max_tasks = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.max_payload = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.timed = boot.read_value<std::uint8_t>() != 0;
-    auto init = decode<std::optional<std::vector<std::byte>>>(boot);
-    if (init) {
-      config.initialize = [request = std::move(*init)](Writer& failure) {
+    if (boot.read_value<std::uint8_t>() != 0) {
+      config.initialize = [request = decode<std::vector<std::byte>>(boot)](Writer& failure) {
         Reader r(std::span<const std::byte>(request.data(), request.size()));
         try {
           run_call(r, failure);
@@ -459,7 +458,9 @@ struct PoolCore::Impl {
       boot.write_value(static_cast<std::uint64_t>(max_tasks));
       boot.write_value(static_cast<std::uint64_t>(max_payload));
       boot.write_value(static_cast<std::uint8_t>(task_timeout.count() > 0));
-      encode(boot, initializer.request());
+      const std::vector<std::byte>* init = initializer.request();
+      boot.write_value(static_cast<std::uint8_t>(init != nullptr));
+      if (init) encode(boot, *init);
       send_boot(w.channel, boot);
       if (wait_hello) {
         try {

@@ -71,19 +71,19 @@ class Initializer {
       Writer w;
       detail::encode_call(w, static_cast<const Fn&>(f), std::tuple<>{});
       const auto b = w.bytes();
-      request_.emplace(b.begin(), b.end());
+      request_ = std::make_shared<const std::vector<std::byte>>(b.begin(), b.end());
     }
   }
   // clang-format on
 
   explicit operator bool() const noexcept { return static_cast<bool>(local_); }
   void operator()() const { local_(); }
-  /// The call request for a worker that does not inherit this process (empty when not sendable).
-  [[nodiscard]] const std::optional<std::vector<std::byte>>& request() const noexcept { return request_; }
+  /// The call request for a worker that does not inherit this process; null when not sendable.
+  [[nodiscard]] const std::vector<std::byte>* request() const noexcept { return request_.get(); }
 
  private:
   std::function<void()> local_;
-  std::optional<std::vector<std::byte>> request_;
+  std::shared_ptr<const std::vector<std::byte>> request_;
 };
 
 struct PoolOptions {
