@@ -60,9 +60,26 @@ Piece Job::take_any() {
   return std::move(node.mapped());
 }
 
+void Job::cancel() noexcept {
+  std::shared_ptr<JobListener> listener;
+  {
+    std::lock_guard lock(mutex_);
+    abandoned_.store(true, std::memory_order_relaxed);
+    cancelled_.store(true, std::memory_order_release);
+    listener = listener_.lock();
+  }
+  cv_.notify_all();
+  if (listener) listener->job_cancelled();
+}
+
+void Job::set_listener(std::weak_ptr<JobListener> listener) {
+  std::lock_guard lock(mutex_);
+  listener_ = std::move(listener);
+}
+
 bool Job::wait_done(std::uint64_t total, std::optional<std::chrono::steady_clock::time_point> deadline) {
   std::unique_lock lock(mutex_);
-  auto pred = [&] { return items_done_ >= total; };
+  auto pred = [&] { return items_done_ >= total || cancelled_.load(std::memory_order_relaxed); };
   if (!deadline) {
     cv_.wait(lock, pred);
     return true;
@@ -72,7 +89,7 @@ bool Job::wait_done(std::uint64_t total, std::optional<std::chrono::steady_clock
 
 bool Job::done(std::uint64_t total) {
   std::lock_guard lock(mutex_);
-  return items_done_ >= total;
+  return items_done_ >= total || cancelled_.load(std::memory_order_relaxed);
 }
 
 std::vector<Piece> Job::take_all() {
@@ -267,6 +284,7 @@ struct PoolCore::Impl {
     std::chrono::steady_clock::time_point last_result{};
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool timed_out = false;    // killed for running past task_timeout: its item fails with TaskTimeout
+    bool cancel_killed = false;  // killed because the call of the task it ran was cancelled
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
 
@@ -282,7 +300,19 @@ struct PoolCore::Impl {
   std::size_t max_tasks = 0;
   std::size_t max_payload = 0;
   std::chrono::nanoseconds task_timeout{0};
-  sys::UniqueFd wakeup;
+  // Owns the eventfd that wakes the supervisor; shared with the jobs (through weak_ptr), so that a
+  // cancel() racing with the pool's end writes to a descriptor that still exists.
+  struct Waker final : JobListener {
+    sys::UniqueFd fd = sys::event_fd();
+    void job_cancelled() noexcept override {
+      try {
+        sys::event_signal(fd.get());
+      } catch (...) {
+      }
+    }
+  };
+  std::shared_ptr<Waker> waker = std::make_shared<Waker>();
+  const sys::UniqueFd& wakeup = waker->fd;
 
   // Shared with user threads, under `mutex`.
   mutable std::mutex mutex;
@@ -316,7 +346,6 @@ struct PoolCore::Impl {
     max_payload = o.max_message_bytes;
     if (o.task_timeout.count() < 0) throw InvalidArgument("Pool: task_timeout must not be negative");
     task_timeout = o.task_timeout;
-    wakeup = sys::event_fd();
     std::promise<void> started;
     auto ready = started.get_future();
     supervisor = std::thread([this, &started] { run(started); });
@@ -341,6 +370,7 @@ struct PoolCore::Impl {
       return;
     }
     for (auto& c : chunks) {
+      c.job->set_listener(waker);
       if (c.request.size() - sizeof(FrameHeader) > max_payload) {
         // Too large to send: fail it now rather than at the worker.
         lock.unlock();
@@ -412,7 +442,7 @@ struct PoolCore::Impl {
       sys::SharedMapping page(4096);
       auto* progress = new (page.data()) Progress;
       const int keep[] = {child_end.get()};
-      WorkerConfig config{{}, max_tasks, max_payload, task_timeout.count() > 0};
+      WorkerConfig config{{}, max_tasks, max_payload, true};
       if (initializer) {
         config.initialize = [this](Writer& failure) {
           try {
@@ -457,7 +487,7 @@ struct PoolCore::Impl {
       begin_boot_frame(boot, BootRole::pool_worker);
       boot.write_value(static_cast<std::uint64_t>(max_tasks));
       boot.write_value(static_cast<std::uint64_t>(max_payload));
-      boot.write_value(static_cast<std::uint8_t>(task_timeout.count() > 0));
+      boot.write_value(std::uint8_t{1});  // stamp item starts: any call may have a time limit
       const std::vector<std::byte>* init = initializer.request();
       boot.write_value(static_cast<std::uint8_t>(init != nullptr));
       if (init) encode(boot, *init);
@@ -521,6 +551,7 @@ struct PoolCore::Impl {
         if (died || w.child.watch_fd() < 0) check_exit(w);
       }
       kill_overdue_workers();
+      kill_cancelled_workers();
       // Replace workers that are gone, unless the pool is winding down with nothing left to do.
       for (auto& w : workers) {
         if (w.pid == 0 && should_respawn()) {
@@ -535,31 +566,50 @@ struct PoolCore::Impl {
     }
   }
 
-  // When the item a worker is running (if it is one of ours still unanswered) passes the timeout.
-  std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w) const {
-    if (task_timeout.count() <= 0 || w.pid == 0 || w.inflight.empty() || w.timed_out) return std::nullopt;
+  // The time limit of a chunk's tasks: its call's, else the pool's; zero: none.
+  std::chrono::nanoseconds limit_of(const Chunk& c) const {
+    return c.job->timeout.count() > 0 ? c.job->timeout : task_timeout;
+  }
+
+  // The chunk the worker is running, if it is one it was sent and has not answered.
+  const InFlight* running_chunk(const Worker& w) const {
+    if (w.pid == 0 || w.inflight.empty()) return nullptr;
     const Progress& p = *w.progress();
     const std::uint64_t running = p.chunk.load(std::memory_order_acquire);
+    for (const auto& f : w.inflight) {
+      if (f.seq == running) return &f;
+    }
+    return nullptr;  // between chunks: nothing of ours is running
+  }
+
+  // When the item a worker is running (if it is one of ours still unanswered) passes its limit.
+  std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w) const {
+    if (w.timed_out || w.cancel_killed) return std::nullopt;
+    const InFlight* f = running_chunk(w);
+    if (!f) return std::nullopt;
+    const auto limit = limit_of(f->chunk);
+    if (limit.count() <= 0) return std::nullopt;
+    const Progress& p = *w.progress();
     (void)p.item.load(std::memory_order_acquire);  // pairs with at_item's release: item_started is fresh
-    const bool ours =
-        std::any_of(w.inflight.begin(), w.inflight.end(), [&](const InFlight& f) { return f.seq == running; });
-    if (!ours) return std::nullopt;  // between chunks: nothing of ours is running
     const std::int64_t started = p.item_started.load(std::memory_order_relaxed);
     if (started == 0) return std::nullopt;
     const std::chrono::steady_clock::time_point t{std::chrono::steady_clock::duration(started)};
-    return t + std::chrono::duration_cast<std::chrono::steady_clock::duration>(task_timeout);
+    return t + std::chrono::duration_cast<std::chrono::steady_clock::duration>(limit);
   }
 
   // The next moment the supervisor must look at the clock: the earliest task deadline, or soon
-  // when a worker holds chunks but has not stamped the start of one of them yet (nothing else
-  // would wake the supervisor when it does).
+  // when a worker holds limited chunks but has not stamped the start of one of them yet (nothing
+  // else would wake the supervisor when it does).
   std::optional<std::chrono::steady_clock::time_point> next_task_deadline() const {
     std::optional<std::chrono::steady_clock::time_point> next;
-    if (task_timeout.count() <= 0) return next;
     const auto recheck = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
     for (const auto& w : workers) {
+      if (w.pid == 0 || w.inflight.empty() || w.timed_out || w.cancel_killed) continue;
       auto d = task_deadline(w);
-      if (!d && w.pid != 0 && !w.inflight.empty() && !w.timed_out) d = recheck;
+      if (!d && std::any_of(w.inflight.begin(), w.inflight.end(),
+                            [&](const InFlight& f) { return limit_of(f.chunk).count() > 0; })) {
+        d = recheck;
+      }
       if (d && (!next || *d < *next)) next = d;
     }
     return next;
@@ -573,6 +623,18 @@ struct PoolCore::Impl {
       const auto d = task_deadline(w);
       if (!d || now < *d) continue;
       w.timed_out = true;
+      sys::send_signal(w.pid, SIGKILL, true);
+    }
+  }
+
+  // A worker running a task of a cancelled call is killed the same way; the call's results are
+  // abandoned, so nothing is delivered for it, and the worker's other chunks go back to the queue.
+  void kill_cancelled_workers() {
+    for (auto& w : workers) {
+      if (w.timed_out || w.cancel_killed) continue;
+      const InFlight* f = running_chunk(w);
+      if (!f || !f->chunk.job->cancelled()) continue;
+      w.cancel_killed = true;
       sys::send_signal(w.pid, SIGKILL, true);
     }
   }
@@ -793,7 +855,7 @@ struct PoolCore::Impl {
       if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
       Writer one;
       if (w.timed_out) {
-        const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(task_timeout).count();
+        const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(limit_of(chunk)).count();
         write_pool_error(one, PoolErrorKind::timeout,
                          "task " + std::to_string(chunk.first + at) + " ran past its timeout of " + std::to_string(ms) +
                              " ms; worker " + std::to_string(w.pid) + " was killed");

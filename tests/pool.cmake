@@ -32,3 +32,6 @@ _mp_pool_compile_test(PoolCompileFail.CapturingLambdaIsRejectedWithAMessage capt
 _mp_pool_compile_test(PoolCompileFail.CapturelessLambdaCompiles captureless_lambda.cpp pass)
 _mp_pool_compile_test(PoolCompileFail.UnencodableFunctorIsRejectedWithAMessage unencodable_functor.cpp fail
                       "state is not encodable")
+
+# Cancellation (queued, running, a whole map, an imap dropped early) and per-call time limits.
+multiproc_add_test(test_pool_cancel SOURCES pool_cancel_test.cpp TIMEOUT 60)

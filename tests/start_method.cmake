@@ -8,7 +8,7 @@ add_dependencies(test_start_method start_peer)
 # The Pool suites again under forkserver and spawn (MULTIPROC_START_METHOD sets the default start
 # method): every Pool method, fault and error must behave the same under all three.
 foreach(_mp_method forkserver spawn)
-  foreach(_mp_suite test_pool test_pool_fault test_pool_lifecycle)
+  foreach(_mp_suite test_pool test_pool_fault test_pool_lifecycle test_pool_cancel)
     gtest_discover_tests(${_mp_suite} TEST_PREFIX "${_mp_method}:" DISCOVERY_TIMEOUT 60
                          PROPERTIES TIMEOUT 120 ENVIRONMENT "MULTIPROC_START_METHOD=${_mp_method}"
                                     LABELS "${_mp_method}")

@@ -105,6 +105,13 @@ struct PoolOptions {
   std::optional<StartMethod> start_method{};
 };
 
+/// Options of one call (apply, apply_async, map, map_async, map_outcomes), given first.
+struct CallOptions {
+  /// Each task of the call running longer than this has its worker's process group SIGKILLed and
+  /// fails with TaskTimeout (the worker is replaced); zero: the pool's task_timeout.
+  std::chrono::nanoseconds timeout{0};
+};
+
 /// Registers an exception type so that a task throwing it is rethrown in the parent as that type
 /// (built from its message), instead of as TaskError. The standard exception types are registered
 /// already. `name` defaults to the demangled type name, which is what workers report.
@@ -269,7 +276,18 @@ class AsyncResult {
     return job_->wait_done(total_, std::chrono::steady_clock::now() +
                                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout));
   }
+  /// True once every task has an outcome, or the call was cancelled.
   [[nodiscard]] bool ready() const { return job_->done(total_); }
+  /// Cancels the call: its queued tasks never run, the workers running its tasks are killed
+  /// (their process groups SIGKILLed) and replaced, and get() throws multiproc::Cancelled. False
+  /// when it had already finished or been cancelled (then nothing changes).
+  bool cancel() {
+    if (job_->done(total_)) return false;
+    job_->cancel();
+    return true;
+  }
+  /// True after a cancel() that took effect.
+  [[nodiscard]] bool cancelled() const noexcept { return job_->cancelled(); }
   /// True if ready and no task failed; StateError if not ready yet (as Python's ValueError).
   [[nodiscard]] bool successful() {
     if (!ready()) throw StateError("AsyncResult::successful() called before the result is ready");
@@ -281,6 +299,11 @@ class AsyncResult {
   void settle() {
     if (settled_) return;
     job_->wait_done(total_, std::nullopt);
+    if (job_->cancelled()) {
+      error_ = std::make_exception_ptr(Cancelled("the call was cancelled"));
+      settled_ = true;
+      return;
+    }
     auto pieces = job_->take_all();
     try {
       value_.emplace(decoder_(pieces));
@@ -318,7 +341,8 @@ class ImapRange {
         job_(std::make_shared<detail::Job>()) {}
   ImapRange(const ImapRange&) = delete;
   ImapRange& operator=(const ImapRange&) = delete;
-  ~ImapRange() { job_->abandon(); }
+  /// Cancels what is still queued or running of it (see AsyncResult::cancel).
+  ~ImapRange() { job_->cancel(); }
 
   class iterator {
    public:
@@ -451,13 +475,21 @@ class Pool {
 
   // ---- one call ------------------------------------------------------------------------------
   /// Runs f(args...) in a worker; the future result.
+  // clang-format off
   template <class F, class... Args>
+    requires(!std::same_as<std::remove_cvref_t<F>, CallOptions>)
   auto apply_async(F&& f, Args&&... args) {
+    return apply_async(CallOptions{}, std::forward<F>(f), std::forward<Args>(args)...);
+  }
+  // clang-format on
+  /// The same, with options for this call (a time limit).
+  template <class F, class... Args>
+  auto apply_async(const CallOptions& options, F&& f, Args&&... args) {
     using Fn = std::decay_t<F>;
     using Item = std::tuple<std::decay_t<Args>...>;
     detail::check_sendable<Fn>();
     using R = detail::call_result_t<true, Fn, Item>;
-    auto job = std::make_shared<detail::Job>();
+    auto job = make_job(options);
     detail::Chunk c;
     c.job = job;
     detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
@@ -470,9 +502,16 @@ class Pool {
     return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
   }
   /// Runs f(args...) in a worker and waits for its result.
+  // clang-format off
   template <class F, class... Args>
+    requires(!std::same_as<std::remove_cvref_t<F>, CallOptions>)
   auto apply(F&& f, Args&&... args) {
-    return apply_async(std::forward<F>(f), std::forward<Args>(args)...).get();
+    return apply_async(CallOptions{}, std::forward<F>(f), std::forward<Args>(args)...).get();
+  }
+  // clang-format on
+  template <class F, class... Args>
+  auto apply(const CallOptions& options, F&& f, Args&&... args) {
+    return apply_async(options, std::forward<F>(f), std::forward<Args>(args)...).get();
   }
 
   /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
@@ -487,20 +526,32 @@ class Pool {
   /// once all are done. `chunksize` 0: automatic (Python's rule, len / (4 × processes), rounded up).
   template <class F, std::ranges::input_range R>
   auto map(F&& f, R&& inputs, std::size_t chunksize = 0) {
-    return map_async(std::forward<F>(f), std::forward<R>(inputs), chunksize).get();
+    return map_async(CallOptions{}, std::forward<F>(f), std::forward<R>(inputs), chunksize).get();
+  }
+  template <class F, std::ranges::input_range R>
+  auto map(const CallOptions& options, F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return map_async(options, std::forward<F>(f), std::forward<R>(inputs), chunksize).get();
   }
   template <class F, std::ranges::input_range R>
   auto map_async(F&& f, R&& inputs, std::size_t chunksize = 0) {
-    return submit_map<false>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    return submit_map<false>(CallOptions{}, std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+  template <class F, std::ranges::input_range R>
+  auto map_async(const CallOptions& options, F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return submit_map<false>(options, std::forward<F>(f), std::forward<R>(inputs), chunksize);
   }
   /// Like map, but every element's outcome — value or error — instead of the first error
   /// (asyncio.gather(return_exceptions=True)).
   template <class F, std::ranges::input_range R>
   auto map_outcomes(F&& f, R&& inputs, std::size_t chunksize = 0) {
+    return map_outcomes(CallOptions{}, std::forward<F>(f), std::forward<R>(inputs), chunksize);
+  }
+  template <class F, std::ranges::input_range R>
+  auto map_outcomes(const CallOptions& options, F&& f, R&& inputs, std::size_t chunksize = 0) {
     using Fn = std::decay_t<F>;
     using Item = std::ranges::range_value_t<R>;
     using Res = detail::stored_t<detail::call_result_t<false, Fn, Item>>;
-    auto [job, total] = submit_chunks<false>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    auto [job, total] = submit_chunks<false>(options, std::forward<F>(f), std::forward<R>(inputs), chunksize);
     return AsyncResult<std::vector<Outcome<Res>>>(job, total, &detail::decode_outcomes<Res>).get();
   }
   /// f(a, b, ...) for each tuple (a, b, ...) of the input.
@@ -510,7 +561,7 @@ class Pool {
   }
   template <class F, std::ranges::input_range R>
   auto starmap_async(F&& f, R&& inputs, std::size_t chunksize = 0) {
-    return submit_map<true>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    return submit_map<true>(CallOptions{}, std::forward<F>(f), std::forward<R>(inputs), chunksize);
   }
 
   /// Lazy, ordered results; at most a few chunks per worker in flight. `chunksize` 1 by default,
@@ -540,8 +591,16 @@ class Pool {
  private:
   detail::PoolCore& core() const;
 
+  std::shared_ptr<detail::Job> make_job(const CallOptions& options) const {
+    if (options.timeout.count() < 0) throw InvalidArgument("CallOptions::timeout must not be negative");
+    auto job = std::make_shared<detail::Job>();
+    job->timeout = options.timeout;
+    return job;
+  }
+
   template <bool Star, class F, class R>
-  std::pair<std::shared_ptr<detail::Job>, std::uint64_t> submit_chunks(F&& f, R&& inputs, std::size_t chunksize) {
+  std::pair<std::shared_ptr<detail::Job>, std::uint64_t> submit_chunks(const CallOptions& options, F&& f, R&& inputs,
+                                                                       std::size_t chunksize) {
     using Fn = std::decay_t<F>;
     using Item = std::ranges::range_value_t<R>;
     detail::check_sendable<Fn>();
@@ -549,7 +608,7 @@ class Pool {
       // Unknown length: gather the items first (a map's results take that memory anyway).
       std::vector<Item> items;
       for (auto&& x : inputs) items.push_back(static_cast<Item>(x));
-      return submit_chunks<Star>(std::forward<F>(f), items, chunksize);
+      return submit_chunks<Star>(options, std::forward<F>(f), items, chunksize);
     } else {
       const std::size_t n = static_cast<std::size_t>(std::ranges::size(inputs));
       if (chunksize == 0) {
@@ -557,7 +616,7 @@ class Pool {
         chunksize = n / per + (n % per ? 1 : 0);
         if (chunksize == 0) chunksize = 1;
       }
-      auto job = std::make_shared<detail::Job>();
+      auto job = make_job(options);
       std::vector<detail::Chunk> chunks;
       chunks.reserve(n / chunksize + 1);
       auto it = std::ranges::begin(inputs);
@@ -586,11 +645,11 @@ class Pool {
   }
 
   template <bool Star, class F, class R>
-  auto submit_map(F&& f, R&& inputs, std::size_t chunksize) {
+  auto submit_map(const CallOptions& options, F&& f, R&& inputs, std::size_t chunksize) {
     using Fn = std::decay_t<F>;
     using Item = std::ranges::range_value_t<R>;
     using Res = detail::stored_t<detail::call_result_t<Star, Fn, Item>>;
-    auto [job, total] = submit_chunks<Star>(std::forward<F>(f), std::forward<R>(inputs), chunksize);
+    auto [job, total] = submit_chunks<Star>(options, std::forward<F>(f), std::forward<R>(inputs), chunksize);
     return AsyncResult<std::vector<Res>>(std::move(job), total, &detail::decode_vector<Res>);
   }
 

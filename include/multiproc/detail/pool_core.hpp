@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,6 +28,15 @@ struct Piece {
   std::uint64_t first = 0;
   std::uint32_t count = 0;
   Writer bytes;
+};
+
+/// Told when a job is cancelled (the pool's supervisor, which then kills what still runs of it).
+class JobListener {
+ public:
+  virtual void job_cancelled() noexcept = 0;
+
+ protected:
+  ~JobListener() = default;
 };
 
 /// One call's results (an apply, a map, an imap), filled by the supervisor piece by piece. A
@@ -54,6 +64,14 @@ class Job {
   /// The caller will not read any more results: queued chunks of this job are dropped.
   void abandon() noexcept { abandoned_.store(true, std::memory_order_relaxed); }
   [[nodiscard]] bool abandoned() const noexcept { return abandoned_.load(std::memory_order_relaxed); }
+  /// Abandons the job and has the pool kill the workers running its tasks; waiters wake up.
+  void cancel() noexcept;
+  [[nodiscard]] bool cancelled() const noexcept { return cancelled_.load(std::memory_order_acquire); }
+  /// Set by the pool at submission.
+  void set_listener(std::weak_ptr<JobListener> listener);
+
+  /// Time limit for each task of this job; zero: the pool's task_timeout. Set before submission.
+  std::chrono::nanoseconds timeout{0};
 
  private:
   std::mutex mutex_;
@@ -61,6 +79,8 @@ class Job {
   std::map<std::uint64_t, Piece> pieces_;
   std::uint64_t items_done_ = 0;
   std::atomic<bool> abandoned_{false};
+  std::atomic<bool> cancelled_{false};
+  std::weak_ptr<JobListener> listener_;
 };
 
 /// A request for a worker: consecutive items of one job, with the callable, encoded.

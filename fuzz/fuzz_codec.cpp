@@ -1,0 +1,122 @@
+// libFuzzer target: decoding with multiproc::decode<T> and the task outcome format.
+//
+// The first input byte picks what to decode (see fuzz_types.hpp); the rest is the encoding.
+// Bad bytes must end in a SerializationError (or a ProtocolError); anything else (a crash, a
+// sanitizer report, another exception such as std::bad_alloc or std::length_error, a leak, a hang)
+// is a bug. A value that does decode is checked once more: encoding it, decoding that and encoding
+// again must give the same bytes (or an equal value, for unordered containers).
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <span>
+#include <string>
+
+#include "fuzz_types.hpp"
+#include "multiproc/codec.hpp"
+#include "multiproc/detail/task.hpp"
+#include "multiproc/error.hpp"
+
+namespace {
+
+using namespace multiproc_fuzz;
+namespace mpd = multiproc::detail;
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "fuzz_codec: %s\n", what);
+  std::abort();
+}
+
+volatile std::size_t g_sink = 0;
+
+template <class T>
+void check(std::span<const std::byte> bytes) {
+  T value{};
+  try {
+    multiproc::Reader r(bytes);
+    multiproc::decode(r, value);
+    if (r.position() > bytes.size()) fail("the reader moved past its input");
+  } catch (const multiproc::SerializationError&) {
+    return;
+  } catch (const multiproc::ProtocolError&) {
+    return;
+  }
+
+  multiproc::Writer first;
+  multiproc::encode(first, value);
+  T again{};
+  try {
+    again = multiproc::from_bytes<T>(first.bytes());
+  } catch (const multiproc::Error& e) {
+    std::fprintf(stderr, "fuzz_codec: re-encoded value does not decode: %s\n", e.what());
+    std::abort();
+  }
+  if constexpr (std::is_same_v<T, HashMap>) {
+    // Iteration order, so the encoding, depends on insertion history: compare the values.
+    if (again != value) fail("decode(encode(v)) != v");
+  } else {
+    multiproc::Writer second;
+    multiproc::encode(second, again);
+    if (second.size() != first.size() || std::memcmp(second.data(), first.data(), first.size()) != 0) {
+      fail("encode(decode(encode(v))) != encode(v)");
+    }
+  }
+}
+
+// A task's outcome: its tag, then the value (a string here) or the error, which must come back as
+// an exception_ptr to a std::exception (the error a task had, not a decoding failure).
+void check_outcome(std::span<const std::byte> bytes) {
+  multiproc::Reader r(bytes);
+  try {
+    const mpd::OutcomeTag tag = mpd::read_outcome_tag(r);
+    if (tag == mpd::OutcomeTag::value) {
+      g_sink = g_sink + multiproc::decode<std::string>(r).size();
+      return;
+    }
+    const std::exception_ptr error = mpd::outcome_error(tag, r);
+    if (!error) fail("outcome_error returned a null exception_ptr");
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      g_sink = g_sink + std::strlen(e.what());
+      if (const auto* info = multiproc::remote_info(e)) {
+        g_sink = g_sink + info->type_name().size() + info->message().size();
+      }
+    } catch (...) {
+      fail("outcome_error gave an exception that is not a std::exception");
+    }
+  } catch (const multiproc::SerializationError&) {
+  } catch (const multiproc::ProtocolError&) {
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const auto kind = static_cast<Kind>(data[0] % kKindCount);
+  const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data) + 1, size - 1);
+  switch (kind) {
+    case Kind::int_: check<Int>(bytes); break;
+    case Kind::string: check<String>(bytes); break;
+    case Kind::int_vector: check<IntVector>(bytes); break;
+    case Kind::string_vector: check<StringVector>(bytes); break;
+    case Kind::score_map: check<ScoreMap>(bytes); break;
+    case Kind::optional_tuple: check<OptionalTuple>(bytes); break;
+    case Kind::variant: check<Variant>(bytes); break;
+    case Kind::record: check<Record>(bytes); break;
+    case Kind::outcome: check_outcome(bytes); break;
+    case Kind::bool_vector: check<BoolVector>(bytes); break;
+    case Kind::string_set: check<StringSet>(bytes); break;
+    case Kind::hash_map: check<HashMap>(bytes); break;
+    case Kind::nested: check<Nested>(bytes); break;
+    case Kind::array_pair: check<ArrayPair>(bytes); break;
+    case Kind::variant_vector: check<VariantVector>(bytes); break;
+    case Kind::point: check<Point>(bytes); break;
+    case Kind::empty_nested: check<EmptyNested>(bytes); break;
+    case Kind::count_: break;
+  }
+  return 0;
+}

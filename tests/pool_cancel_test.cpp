@@ -1,0 +1,190 @@
+// Cancellation and per-call time limits: AsyncResult::cancel() on queued and running tasks, an
+// imap range dropped early, CallOptions::timeout against the pool's task_timeout, and how close to
+// its limit a timeout fires.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pool_test_common.hpp"
+
+namespace {
+
+namespace mp = multiproc;
+using namespace std::chrono_literals;
+using pooltest::sleep_ms_then_return;
+using pooltest::square;
+
+int append_line(std::string path) {
+  std::ofstream(path, std::ios::app) << "ran\n";
+  return 1;
+}
+
+std::size_t lines_in(const std::string& path) {
+  std::ifstream in(path);
+  std::size_t n = 0;
+  for (std::string line; std::getline(in, line);) ++n;
+  return n;
+}
+
+std::string temp_file() {
+  char tmpl[] = "/tmp/multiproc-cancel-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  if (fd >= 0) ::close(fd);
+  return tmpl;
+}
+
+int sleep_if_five(int x) {
+  if (x == 5) std::this_thread::sleep_for(30s);
+  return x * 10;
+}
+
+int quick_then_slow(int x) {
+  if (x > 0) std::this_thread::sleep_for(30s);
+  return x;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+TEST(PoolCancel, QueuedTaskNeverRuns) {
+  const std::string path = temp_file();
+  mp::Pool pool{{.processes = 1}};
+  auto busy = pool.apply_async(sleep_ms_then_return, 300);
+  auto queued = pool.apply_async(append_line, path);
+  const auto workers = pool.worker_pids();
+  EXPECT_FALSE(queued.ready());
+  EXPECT_TRUE(queued.cancel());
+  EXPECT_TRUE(queued.cancelled());
+  EXPECT_TRUE(queued.ready());
+  EXPECT_THROW(queued.get(), mp::Cancelled);
+  EXPECT_FALSE(queued.successful());
+  EXPECT_EQ(busy.get(), 300);  // the running task was not touched
+  EXPECT_EQ(pool.apply(square, 4), 16);
+  EXPECT_EQ(pool.worker_pids(), workers);  // nobody was killed
+  EXPECT_EQ(lines_in(path), 0u);
+  ::unlink(path.c_str());
+}
+
+TEST(PoolCancel, RunningTaskHasItsWorkerKilledAndReplaced) {
+  mp::Pool pool{{.processes = 2}};
+  auto other = pool.apply_async(sleep_ms_then_return, 500);
+  auto doomed = pool.apply_async(sleep_ms_then_return, 30'000);
+  std::this_thread::sleep_for(100ms);  // both running
+  const auto before = pool.worker_pids();
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(doomed.cancel());
+  EXPECT_THROW(doomed.get(), mp::Cancelled);
+  EXPECT_EQ(other.get(), 500);  // the other worker's task finished normally
+  EXPECT_EQ(pool.apply(square, 5), 25);
+  EXPECT_LT(ms_since(t0), 5000.0);
+  EXPECT_TRUE(pooltest::eventually([&] {
+    const auto now = pool.worker_pids();
+    return now.size() == 2 && now != before;
+  }));
+}
+
+TEST(PoolCancel, FinishedCallCannotBeCancelled) {
+  mp::Pool pool{{.processes = 1}};
+  auto r = pool.apply_async(square, 3);
+  r.wait();
+  EXPECT_FALSE(r.cancel());
+  EXPECT_FALSE(r.cancelled());
+  EXPECT_EQ(r.get(), 9);
+}
+
+TEST(PoolCancel, CancelledMapStopsAtOnceAndThePoolGoesOn) {
+  mp::Pool pool{{.processes = 2}};
+  auto r = pool.map_async(sleep_ms_then_return, std::vector<int>(100, 50), 1);
+  std::this_thread::sleep_for(120ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(r.cancel());
+  EXPECT_THROW(r.get(), mp::Cancelled);
+  EXPECT_EQ(pool.map(square, std::vector<int>{1, 2, 3}), (std::vector<int>{1, 4, 9}));
+  EXPECT_LT(ms_since(t0), 2000.0) << "the rest of a 5 s map ran after its cancel";
+}
+
+#if POOLTEST_HAVE_VIEWS
+TEST(PoolCancel, DroppingAnImapEarlyKillsWhatStillRunsOfIt) {
+  mp::Pool pool{{.processes = 2}};
+  const auto before = pool.worker_pids();
+  {
+    auto results = pool.imap(quick_then_slow, std::vector<int>{0, 1, 2, 3});
+    auto it = results.begin();
+    EXPECT_EQ(*it, 0);
+  }  // items 1..3 sleep for 30 s: they are cancelled here
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(pool.apply(square, 6), 36);
+  EXPECT_LT(ms_since(t0), 5000.0);
+  EXPECT_TRUE(pooltest::eventually([&] { return pool.worker_pids() != before; }));
+}
+#endif
+
+// ---- per-call time limits -------------------------------------------------------------------------
+
+TEST(PoolCallTimeout, ApplyPastItsLimitFailsWithTaskTimeoutAndThePoolGoesOn) {
+  mp::Pool pool{{.processes = 2}};  // no pool-wide limit
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = pool.apply_async({.timeout = 200ms}, sleep_ms_then_return, 30'000);
+  try {
+    (void)r.get();
+    ADD_FAILURE() << "no timeout";
+  } catch (const mp::TaskTimeout& e) {
+    EXPECT_NE(std::string(e.what()).find("timeout of 200 ms"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(ms_since(t0), 3000.0);
+  EXPECT_EQ(pool.apply(square, 7), 49);
+  EXPECT_EQ(pool.apply({.timeout = 5s}, square, 8), 64);
+}
+
+TEST(PoolCallTimeout, MapWithALimitFailsOnlyTheSlowItem) {
+  mp::Pool pool{{.processes = 2}};
+  const auto out = pool.map_outcomes({.timeout = 300ms}, sleep_if_five, pooltest::iota_vector(10), 1);
+  ASSERT_EQ(out.size(), 10u);
+  for (int i = 0; i < 10; ++i) {
+    if (i == 5) {
+      EXPECT_FALSE(out[5].has_value());
+      EXPECT_THROW(std::rethrow_exception(out[5].error()), mp::TaskTimeout);
+    } else {
+      EXPECT_EQ(out[static_cast<std::size_t>(i)].value(), i * 10);
+    }
+  }
+  EXPECT_THROW((void)pool.map({.timeout = 300ms}, sleep_if_five, pooltest::iota_vector(10), 1), mp::TaskTimeout);
+}
+
+TEST(PoolCallTimeout, CallLimitOverridesThePoolsTaskTimeout) {
+  mp::Pool pool{{.processes = 1, .task_timeout = 50ms}};
+  EXPECT_EQ(pool.apply({.timeout = 5s}, sleep_ms_then_return, 300), 300);
+  EXPECT_THROW(pool.apply(sleep_ms_then_return, 300), mp::TaskTimeout);
+}
+
+TEST(PoolCallTimeout, NegativeLimitIsInvalid) {
+  mp::Pool pool{{.processes = 1}};
+  EXPECT_THROW(pool.apply({.timeout = -1ms}, square, 1), mp::InvalidArgument);
+}
+
+// How long after its limit a timeout fires (the supervisor sleeps until the nearest deadline).
+TEST(PoolCallTimeout, FiresCloseToItsLimit) {
+  mp::Pool pool{{.processes = 1}};
+  (void)pool.apply(square, 1);  // the worker is up
+  std::vector<double> late;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_THROW(pool.apply({.timeout = 100ms}, sleep_ms_then_return, 30'000), mp::TaskTimeout);
+    late.push_back(ms_since(t0) - 100.0);
+  }
+  std::sort(late.begin(), late.end());
+  const double median = late[late.size() / 2];
+  RecordProperty("timeout_100ms_late_by_median_ms", std::to_string(median));
+  std::printf("a 100 ms timeout fired %.2f ms late (median of 5; includes start of the replacement)\n", median);
+  EXPECT_GE(late.front(), 0.0);
+  EXPECT_LT(median, 500.0);  // generous: the machine may be loaded; the figure above is the real one
+}
+
+}  // namespace
