@@ -22,8 +22,9 @@ enum class FrameTag : std::uint16_t {
   init_failed = 4,  // worker -> parent: the initializer threw; payload is the exception
   boot = 5,         // parent -> spawned/forkserver child: build id, role, cwd, environment, config
   hello = 6,        // child -> parent: its build id, pid, and whether it accepts the boot frame
+  retire = 7,       // worker -> parent: past max_memory_per_child, it exits after this frame
 };
-inline constexpr std::uint16_t kMaxFrameTag = 6;
+inline constexpr std::uint16_t kMaxFrameTag = 7;
 
 struct FrameHeader {
   std::uint32_t magic;

@@ -377,6 +377,9 @@ void drain_signal_fd(int fd) noexcept;
 /// waitid(P_ALL, WEXITED | WNOHANG): one ended child, reaped, or nullopt when none has ended.
 std::optional<siginfo_t> reap_any_child() noexcept;
 
+/// The resident set size of this process in bytes (/proc/self/statm); 0 if unknown.
+std::size_t resident_bytes() noexcept;
+
 /// The current working directory.
 std::string current_directory();
 /// chdir(2).

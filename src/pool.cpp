@@ -175,6 +175,7 @@ struct WorkerConfig {
   std::size_t max_tasks;
   std::size_t max_payload;
   bool timed;
+  std::size_t max_memory = 0;
 };
 
 [[noreturn]] void worker_main(Channel channel, Progress* progress, const WorkerConfig& config) noexcept {
@@ -219,6 +220,12 @@ struct WorkerConfig {
         channel.send(FrameTag::fault, h.id, out);
       }
       if (config.max_tasks && ++done >= config.max_tasks) break;
+      if (config.max_memory && sys::resident_bytes() > config.max_memory) {
+        // Tell the parent first: chunks it already sent go to another worker, not to a crash.
+        Channel::begin_frame(out);
+        channel.send(FrameTag::retire, 0, out);
+        break;
+      }
     }
   } catch (const std::exception& e) {
     // The parent is gone or spoke garbage: nothing to report to, just leave.
@@ -237,6 +244,7 @@ void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::Uniqu
     config.max_tasks = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.max_payload = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.timed = boot.read_value<std::uint8_t>() != 0;
+    config.max_memory = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     if (boot.read_value<std::uint8_t>() != 0) {
       config.initialize = [request = decode<std::vector<std::byte>>(boot)](Writer& failure) {
         Reader r(std::span<const std::byte>(request.data(), request.size()));
@@ -285,6 +293,8 @@ struct PoolCore::Impl {
     bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
     bool timed_out = false;    // killed for running past task_timeout: its item fails with TaskTimeout
     bool cancel_killed = false;  // killed because the call of the task it ran was cancelled
+    bool retiring = false;       // said it will exit (max_memory_per_child) or was told to (idle)
+    std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
     bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
 
@@ -298,6 +308,8 @@ struct PoolCore::Impl {
   Initializer initializer;
   StartMethod method = StartMethod::fork;
   std::size_t max_tasks = 0;
+  std::size_t max_memory = 0;
+  std::chrono::nanoseconds idle_timeout{0};
   std::size_t max_payload = 0;
   std::chrono::nanoseconds task_timeout{0};
   // Owns the eventfd that wakes the supervisor; shared with the jobs (through weak_ptr), so that a
@@ -346,6 +358,9 @@ struct PoolCore::Impl {
     max_payload = o.max_message_bytes;
     if (o.task_timeout.count() < 0) throw InvalidArgument("Pool: task_timeout must not be negative");
     task_timeout = o.task_timeout;
+    max_memory = o.max_memory_per_child;
+    if (o.idle_timeout.count() < 0) throw InvalidArgument("Pool: idle_timeout must not be negative");
+    idle_timeout = o.idle_timeout;
     std::promise<void> started;
     auto ready = started.get_future();
     supervisor = std::thread([this, &started] { run(started); });
@@ -442,7 +457,7 @@ struct PoolCore::Impl {
       sys::SharedMapping page(4096);
       auto* progress = new (page.data()) Progress;
       const int keep[] = {child_end.get()};
-      WorkerConfig config{{}, max_tasks, max_payload, true};
+      WorkerConfig config{{}, max_tasks, max_payload, true, max_memory};
       if (initializer) {
         config.initialize = [this](Writer& failure) {
           try {
@@ -488,6 +503,7 @@ struct PoolCore::Impl {
       boot.write_value(static_cast<std::uint64_t>(max_tasks));
       boot.write_value(static_cast<std::uint64_t>(max_payload));
       boot.write_value(std::uint8_t{1});  // stamp item starts: any call may have a time limit
+      boot.write_value(static_cast<std::uint64_t>(max_memory));
       const std::vector<std::byte>* init = initializer.request();
       boot.write_value(static_cast<std::uint8_t>(init != nullptr));
       if (init) encode(boot, *init);
@@ -535,7 +551,7 @@ struct PoolCore::Impl {
         if (w.child.watch_fd() < 0) need_timeout = true;
       }
       std::chrono::milliseconds wait(need_timeout ? 10 : -1);
-      if (const auto next = next_task_deadline()) {
+      if (const auto next = next_wakeup()) {
         const auto left = std::chrono::ceil<std::chrono::milliseconds>(*next - std::chrono::steady_clock::now());
         const auto bounded = std::max(left, std::chrono::milliseconds(0));
         if (wait.count() < 0 || bounded < wait) wait = bounded;
@@ -552,9 +568,18 @@ struct PoolCore::Impl {
       }
       kill_overdue_workers();
       kill_cancelled_workers();
+      retire_idle_workers();
       // Replace workers that are gone, unless the pool is winding down with nothing left to do.
+      // With an idle timeout, only as many as the queued chunks need.
+      std::size_t wanted = idle_timeout.count() > 0 ? queued_chunks() : workers.size();
+      if (idle_timeout.count() > 0) {
+        for (const auto& w : workers) {
+          if (w.pid != 0 && w.writable && w.inflight.empty() && wanted > 0) --wanted;
+        }
+      }
       for (auto& w : workers) {
-        if (w.pid == 0 && should_respawn()) {
+        if (w.pid == 0 && wanted > 0 && should_respawn()) {
+          --wanted;
           try {
             spawn(w);
           } catch (const std::exception& e) {
@@ -564,6 +589,52 @@ struct PoolCore::Impl {
         }
       }
     }
+  }
+
+  std::size_t queued_chunks() {
+    std::lock_guard lock(mutex);
+    return queue.size();
+  }
+
+  // An idle worker past idle_timeout is told to leave (EOF on its channel); its slot stays empty
+  // until work needs it.
+  bool idle_expired(const Worker& w, std::chrono::steady_clock::time_point now) const {
+    return idle_timeout.count() > 0 && w.pid != 0 && w.inflight.empty() && w.writable && !w.retiring &&
+           now - w.idle_since >= idle_timeout;
+  }
+
+  void retire_idle_workers() {
+    if (idle_timeout.count() <= 0) return;
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& w : workers) {
+      if (!idle_expired(w, now) || queued_chunks() > 0) continue;
+      w.retiring = true;
+      w.writable = false;
+      w.channel_open = false;
+      w.channel.handle().reset();
+    }
+  }
+
+  // The earliest of the next task deadline and the next idle expiry; soon, while a worker holds a
+  // chunk of a cancelled call that it has not started yet (it is killed once it does).
+  std::optional<std::chrono::steady_clock::time_point> next_wakeup() const {
+    auto next = next_task_deadline();
+    for (const auto& w : workers) {
+      if (w.pid == 0 || w.cancel_killed || w.timed_out) continue;
+      if (std::any_of(w.inflight.begin(), w.inflight.end(),
+                      [](const InFlight& f) { return f.chunk.job->cancelled(); })) {
+        const auto soon = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+        if (!next || soon < *next) next = soon;
+      }
+    }
+    if (idle_timeout.count() > 0) {
+      for (const auto& w : workers) {
+        if (w.pid == 0 || !w.inflight.empty() || !w.writable || w.retiring) continue;
+        const auto at = w.idle_since + std::chrono::duration_cast<std::chrono::steady_clock::duration>(idle_timeout);
+        if (!next || at < *next) next = at;
+      }
+    }
+    return next;
   }
 
   // The time limit of a chunk's tasks: its call's, else the pool's; zero: none.
@@ -718,6 +789,11 @@ struct PoolCore::Impl {
         initializer_failed(w, payload);
         return;
       }
+      if (h.tag == static_cast<std::uint16_t>(FrameTag::retire)) {
+        w.retiring = true;
+        w.writable = false;
+        return;
+      }
       if (w.inflight.empty() || h.id != w.inflight.front().seq) {
         throw ProtocolError("a worker answered a task it was not given");
       }
@@ -726,6 +802,7 @@ struct PoolCore::Impl {
       w.inflight.pop_front();
       w.inflight_bytes -= chunk.request.size();
       const auto now = std::chrono::steady_clock::now();
+      if (w.inflight.empty()) w.idle_since = now;
       w.quick = now - w.last_result < kShortChunk;
       w.last_result = now;
       if (tag == FrameTag::result) {
@@ -812,7 +889,16 @@ struct PoolCore::Impl {
     } else {
       startup_deaths = 0;
     }
-    if (!w.inflight.empty()) worker_crashed(w, status);
+    if (w.retiring && status.exited() && status.code() == 0) {
+      // It left on purpose: what it had not started goes back to the front of the queue, in order.
+      std::lock_guard lock(mutex);
+      for (auto it = w.inflight.rbegin(); it != w.inflight.rend(); ++it) {
+        if (!it->chunk.job->abandoned()) queue.push_front(std::move(it->chunk));
+      }
+      w.inflight.clear();
+    } else if (!w.inflight.empty()) {
+      worker_crashed(w, status);
+    }
     {
       std::optional<std::string> why;
       {

@@ -13,5 +13,5 @@ if(MULTIPROC_CHAOS_FULL)
                                                  TIMEOUT 1200)
   add_test(NAME PoolLifecycleCycles.Full COMMAND test_pool_chaos --gtest_filter=Methods/PoolLifecycleCycles.*)
   set_tests_properties(PoolLifecycleCycles.Full PROPERTIES ENVIRONMENT "MULTIPROC_POOL_CYCLES=10000" LABELS
-                                                           chaos_full TIMEOUT 3600)
+                                                           chaos_full TIMEOUT 1800)
 endif()

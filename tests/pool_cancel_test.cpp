@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -185,6 +186,57 @@ TEST(PoolCallTimeout, FiresCloseToItsLimit) {
   std::printf("a 100 ms timeout fired %.2f ms late (median of 5; includes start of the replacement)\n", median);
   EXPECT_GE(late.front(), 0.0);
   EXPECT_LT(median, 500.0);  // generous: the machine may be loaded; the figure above is the real one
+}
+
+}  // namespace
+
+// ---- recycling by memory, shrinking when idle ------------------------------------------------------
+
+namespace {
+
+std::vector<std::vector<char>> g_leak;  // grows in a worker: each call keeps 16 MiB resident
+
+pid_t leak_16_mib(int x) {
+  g_leak.emplace_back(16u << 20, static_cast<char>(x | 1));
+  return ::getpid();
+}
+
+TEST(PoolRecycling, WorkerPastMaxMemoryIsReplacedAndNoTaskIsLost) {
+  const std::size_t baseline = mp::detail::sys::resident_bytes();
+  // Room for about three leaks above what a fresh worker holds.
+  mp::Pool pool{{.processes = 2, .max_memory_per_child = baseline + (56u << 20)}};
+  const auto pids = pool.map(leak_16_mib, pooltest::iota_vector(40), 1);
+  EXPECT_EQ(pids.size(), 40u);  // every task once, none failed
+  // 40 leaks of 16 MiB, about three per worker life: many workers took turns.
+  const std::set<pid_t> distinct(pids.begin(), pids.end());
+  EXPECT_GE(distinct.size(), 8u);
+  RecordProperty("workers_used_for_40_leaking_tasks", static_cast<int>(distinct.size()));
+  EXPECT_EQ(pool.map(pooltest::square, pooltest::iota_vector(100), 3), pooltest::squares(100));
+  EXPECT_EQ(pool.worker_pids().size(), 2u);
+}
+
+TEST(PoolRecycling, MaxMemoryRecyclingKeepsPipelinedChunks) {
+  // Quick tasks get pipelined; a worker that leaves after one must hand the rest back, not fail them.
+  mp::Pool pool{{.processes = 1, .max_memory_per_child = 1}};  // every worker leaves after each chunk
+  EXPECT_EQ(pool.map(pooltest::square, pooltest::iota_vector(200), 1), pooltest::squares(200));
+}
+
+TEST(PoolIdle, IdleWorkersLeaveAndComeBackWhenWorkArrives) {
+  mp::Pool pool{{.processes = 2, .idle_timeout = 150ms}};
+  EXPECT_EQ(pool.apply(pooltest::square, 3), 9);
+  ASSERT_TRUE(pooltest::eventually([&] { return pool.worker_pids().empty(); }, 3000ms));
+  EXPECT_TRUE(test_support::has_no_children());
+  EXPECT_EQ(pool.map(pooltest::square, pooltest::iota_vector(50), 1), pooltest::squares(50));
+  EXPECT_FALSE(pool.worker_pids().empty());
+  ASSERT_TRUE(pooltest::eventually([&] { return pool.worker_pids().empty(); }, 3000ms));
+  EXPECT_EQ(pool.apply(pooltest::square, 4), 16);  // one comes back for one task
+  pool.close();
+  pool.join();
+}
+
+TEST(PoolIdle, BusyWorkersAreNotRetired) {
+  mp::Pool pool{{.processes = 2, .idle_timeout = 50ms}};
+  EXPECT_EQ(pool.map(sleep_ms_then_return, std::vector<int>(6, 200), 1), std::vector<int>(6, 200));
 }
 
 }  // namespace

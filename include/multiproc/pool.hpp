@@ -100,6 +100,12 @@ struct PoolOptions {
   /// A task (one item) running longer than this has its worker's process group SIGKILLed and
   /// fails with TaskTimeout; the worker is replaced and every other task goes on. 0: no limit.
   std::chrono::nanoseconds task_timeout{0};
+  /// A worker whose resident memory exceeds this many bytes after a task exits and is replaced
+  /// (chunks it was sent but had not started go to another); 0 = no limit.
+  std::size_t max_memory_per_child = 0;
+  /// A worker idle this long exits; the pool starts workers again when work comes (up to
+  /// `processes`). Zero: workers stay.
+  std::chrono::nanoseconds idle_timeout{0};
   /// How workers are started: fork, forkserver or spawn (start_method.hpp); default
   /// get_start_method(). Every Pool method, fault and error works the same under all three.
   std::optional<StartMethod> start_method{};
