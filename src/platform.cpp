@@ -395,6 +395,24 @@ void SharedMapping::reset() noexcept {
   size_ = 0;
 }
 
+namespace {
+int group_death_signal() noexcept { return SIGRTMAX - 2; }
+void kill_own_group(int) { ::kill(0, SIGKILL); }
+}  // namespace
+
+void kill_process_group_when_parent_dies(pid_t parent) noexcept {
+  struct sigaction sa {};
+  sa.sa_handler = kill_own_group;
+  ::sigemptyset(&sa.sa_mask);
+  ::sigaction(group_death_signal(), &sa, nullptr);
+  sigset_t set;
+  ::sigemptyset(&set);
+  ::sigaddset(&set, group_death_signal());
+  ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+  ::prctl(PR_SET_PDEATHSIG, group_death_signal());
+  if (::getppid() != parent) ::kill(0, SIGKILL);
+}
+
 void block_all_signals_in_this_thread() noexcept {
   sigset_t all;
   ::sigfillset(&all);

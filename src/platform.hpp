@@ -250,6 +250,11 @@ class SharedMapping {
   std::size_t size_ = 0;
 };
 
+/// In a child that leads its own process group (a pool worker): when `parent` dies, the whole
+/// group dies, including processes the child started. PR_SET_PDEATHSIG delivers a real-time
+/// signal whose handler SIGKILLs the group; a child whose parent is already gone does that at once.
+void kill_process_group_when_parent_dies(pid_t parent) noexcept;
+
 /// Blocks every signal in the calling thread (for library threads, so that signals go to the
 /// application's own threads).
 void block_all_signals_in_this_thread() noexcept;

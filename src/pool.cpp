@@ -170,6 +170,7 @@ void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index)
 // ---- the worker process ----------------------------------------------------------------------
 
 struct WorkerConfig {
+  pid_t parent = 0;  // whose death ends the worker's whole process group
   // Runs the pool's initializer; false with its exception's outcome written to `failure`.
   std::function<bool(Writer& failure)> initialize;
   std::size_t max_tasks;
@@ -180,6 +181,8 @@ struct WorkerConfig {
 
 [[noreturn]] void worker_main(Channel channel, Progress* progress, const WorkerConfig& config) noexcept {
   int code = 0;
+  // A task's own children live in the worker's process group: they go when the parent does too.
+  sys::kill_process_group_when_parent_dies(config.parent);
   try {
     Writer in;
     Writer out;
@@ -241,6 +244,7 @@ struct WorkerConfig {
 void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::UniqueFd>& fds) noexcept {
   try {
     WorkerConfig config;
+    config.parent = ::getppid();  // the pool's process, or the fork server (which dies with it)
     config.max_tasks = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.max_payload = static_cast<std::size_t>(boot.read_value<std::uint64_t>());
     config.timed = boot.read_value<std::uint8_t>() != 0;
@@ -457,7 +461,7 @@ struct PoolCore::Impl {
       sys::SharedMapping page(4096);
       auto* progress = new (page.data()) Progress;
       const int keep[] = {child_end.get()};
-      WorkerConfig config{{}, max_tasks, max_payload, true, max_memory};
+      WorkerConfig config{sys::current_pid(), {}, max_tasks, max_payload, true, max_memory};
       if (initializer) {
         config.initialize = [this](Writer& failure) {
           try {

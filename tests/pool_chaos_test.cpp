@@ -36,6 +36,20 @@
 #include "pool_test_common.hpp"
 #include "test_support.hpp"
 
+// Under a sanitizer the mapping count is a figure, not a check: AddressSanitizer's and
+// ThreadSanitizer's allocators map their size-class regions on demand (ASan's from 0x600000000000)
+// and never unmap them, so it grows with the number of allocations whatever the pool does.
+#if defined(POOLTEST_ASAN) || defined(__SANITIZE_THREAD__)
+#define CHAOS_EXACT_MAPPINGS 0
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define CHAOS_EXACT_MAPPINGS 0
+#endif
+#endif
+#ifndef CHAOS_EXACT_MAPPINGS
+#define CHAOS_EXACT_MAPPINGS 1
+#endif
+
 namespace multiproc {
 // gtest prints parameters with this (in CTest's test names too).
 static void PrintTo(StartMethod m, std::ostream* os) { *os << to_string(m); }
@@ -122,7 +136,8 @@ struct Footprint {
 // ---- 1. chaos: every task accounted for -----------------------------------------------------------
 
 enum class Fault : int { none, segfault, abort, exit3, sigkill, throws, hang };
-constexpr std::array kFaults = {Fault::segfault, Fault::abort, Fault::exit3, Fault::sigkill, Fault::throws, Fault::hang};
+constexpr std::array kFaults = {Fault::segfault, Fault::abort,  Fault::exit3,
+                                Fault::sigkill,  Fault::throws, Fault::hang};
 constexpr int kFaultKinds = 7;
 
 const char* fault_name(Fault f) {
@@ -271,7 +286,7 @@ TEST(PoolChaos, AllTasksAccountedFor) {
   const std::size_t counters_bytes = sizeof(std::atomic<int>) * static_cast<std::size_t>(n);
   void* counters = ::mmap(nullptr, counters_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(counters, MAP_FAILED);
-  g_started = new (counters) std::atomic<int>[static_cast<std::size_t>(n)]{};
+  g_started = new (counters) std::atomic<int>[static_cast<std::size_t>(n)] {};
 
   // Warm-up: one pool of the same shape meets every fault once. What a first pool leaves for good,
   // by design of the C library and not of multiproc, is thereby in the baseline: the supervisor
@@ -332,7 +347,9 @@ TEST(PoolChaos, AllTasksAccountedFor) {
   EXPECT_TRUE(after.children.empty()) << "children left: " << join_pids(after.children);
   for (pid_t p : pids_after) EXPECT_TRUE(test_support::is_dead(p)) << "worker " << p << " survived the pool";
   EXPECT_EQ(after.fds, before.fds) << "descriptors before and after the pool";
-  EXPECT_EQ(after.mappings, before.mappings) << "lines of /proc/self/maps before and after the pool";
+  if (CHAOS_EXACT_MAPPINGS) {
+    EXPECT_EQ(after.mappings, before.mappings) << "lines of /proc/self/maps before and after the pool";
+  }
 
   for (const auto& f : failures) ADD_FAILURE() << f;
   EXPECT_EQ(wrong, 0);
@@ -350,9 +367,9 @@ TEST(PoolChaos, AllTasksAccountedFor) {
     RecordProperty(std::string("faults_") + fault_name(f), planned[static_cast<std::size_t>(f)]);
   }
   figures << " (total " << faults << ")\n[chaos] wrong results " << wrong << ", tasks not started exactly once "
-          << not_once << ", wall time " << wall_ms << " ms (the map " << map_ms << " ms)\n[chaos] descriptors " << before.fds << " -> " << after.fds
-          << ", mappings " << before.mappings << " -> " << after.mappings << ", children after "
-          << after.children.size();
+          << not_once << ", wall time " << wall_ms << " ms (the map " << map_ms << " ms)\n[chaos] descriptors "
+          << before.fds << " -> " << after.fds << ", mappings " << before.mappings << " -> " << after.mappings
+          << ", children after " << after.children.size();
   std::cout << figures.str() << std::endl;
   RecordProperty("tasks", n);
   RecordProperty("faults", faults);
@@ -362,11 +379,52 @@ TEST(PoolChaos, AllTasksAccountedFor) {
   RecordProperty("map_ms", static_cast<int>(map_ms));
 }
 
+// The checker itself: it must reject every mismatch, or the chaos test would pass vacuously.
+TEST(PoolChaos, CheckerRejectsMismatchedOutcomes) {
+  using multiproc::ExitStatus;
+  using O = multiproc::Outcome<int>;
+  const pid_t other = ::getpid() + 1;
+  auto crashed = [&](ExitStatus s, std::size_t index) {
+    return O(std::make_exception_ptr(multiproc::WorkerCrashed(s, other, index)));
+  };
+  auto timeout = [](int index) {
+    return O(std::make_exception_ptr(
+        multiproc::TaskTimeout("task " + std::to_string(index) + " ran past its timeout of 250 ms")));
+  };
+  // What each fault calls for passes...
+  EXPECT_EQ(check_outcome(O(21), 7, Fault::none), "");
+  EXPECT_EQ(check_outcome(crashed(ExitStatus::killed_by(SIGSEGV), 7), 7, Fault::segfault), "");
+  EXPECT_EQ(check_outcome(crashed(ExitStatus::killed_by(SIGABRT), 7), 7, Fault::abort), "");
+  EXPECT_EQ(check_outcome(crashed(ExitStatus::killed_by(SIGKILL), 7), 7, Fault::sigkill), "");
+  EXPECT_EQ(check_outcome(crashed(ExitStatus::exited_with(3), 7), 7, Fault::exit3), "");
+  EXPECT_EQ(check_outcome(timeout(7), 7, Fault::hang), "");
+  // ...and anything else fails.
+  EXPECT_NE(check_outcome(O(22), 7, Fault::none), "");
+  EXPECT_NE(check_outcome(O(21), 7, Fault::segfault), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::killed_by(SIGSEGV), 7), 7, Fault::none), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::killed_by(SIGSEGV), 7), 7, Fault::abort), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::killed_by(SIGKILL), 7), 7, Fault::hang), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::exited_with(4), 7), 7, Fault::exit3), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::killed_by(SIGSEGV), 8), 7, Fault::segfault), "");
+  EXPECT_NE(check_outcome(timeout(7), 7, Fault::sigkill), "");
+  EXPECT_NE(check_outcome(timeout(8), 7, Fault::hang), "");
+  // A throw must come back as the remote std::runtime_error with its message: a local one, a
+  // TaskError or another type does not do.
+  EXPECT_NE(check_outcome(O(std::make_exception_ptr(std::runtime_error(throw_message(7)))), 7, Fault::throws), "");
+  EXPECT_NE(
+      check_outcome(O(std::make_exception_ptr(multiproc::TaskError("std::runtime_error", throw_message(7), other))), 7,
+                    Fault::throws),
+      "");
+  EXPECT_NE(check_outcome(O(std::make_exception_ptr(std::logic_error(throw_message(7)))), 7, Fault::throws), "");
+  EXPECT_NE(check_outcome(crashed(ExitStatus::killed_by(SIGABRT), 7), 7, Fault::throws), "");
+}
+
 // ---- 2. create/destroy cycles leave nothing behind ---------------------------------------------------
 
 class PoolLifecycleCycles : public ::testing::TestWithParam<StartMethod> {};
 INSTANTIATE_TEST_SUITE_P(Methods, PoolLifecycleCycles,
-                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn), method_name);
+                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
+                         method_name);
 
 TEST_P(PoolLifecycleCycles, CreateApplyDestroyLeavesNothingBehind) {
   const StartMethod method = GetParam();
@@ -393,7 +451,9 @@ TEST_P(PoolLifecycleCycles, CreateApplyDestroyLeavesNothingBehind) {
   const auto shm_left = shm_leftovers(shm_before);
   EXPECT_TRUE(after.children.empty()) << "children left: " << join_pids(after.children);
   EXPECT_EQ(after.fds, before.fds) << "descriptors";
-  EXPECT_EQ(after.mappings, before.mappings) << "lines of /proc/self/maps";
+  if (CHAOS_EXACT_MAPPINGS) {
+    EXPECT_EQ(after.mappings, before.mappings) << "lines of /proc/self/maps";
+  }
   std::string shm_names;
   for (const auto& s : shm_left) shm_names += " " + s;
   EXPECT_TRUE(shm_left.empty()) << "new entries in /dev/shm:" << shm_names;
@@ -414,7 +474,8 @@ class PoolParentDeath : public ::testing::TestWithParam<StartMethod> {
   void TearDown() override { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
 };
 INSTANTIATE_TEST_SUITE_P(Methods, PoolParentDeath,
-                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn), method_name);
+                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
+                         method_name);
 
 TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
   const StartMethod method = GetParam();
@@ -494,7 +555,8 @@ TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
         << roles[i] << " " << watched[i] << " outlived the harness by more than 1 s (" << figures.str() << ")";
   }
   if (last != std::chrono::steady_clock::duration::max()) {
-    RecordProperty("all_gone_us", static_cast<int>(std::chrono::duration_cast<std::chrono::microseconds>(last).count()));
+    RecordProperty("all_gone_us",
+                   static_cast<int>(std::chrono::duration_cast<std::chrono::microseconds>(last).count()));
   }
 
   harness.join();
