@@ -35,3 +35,6 @@ _mp_pool_compile_test(PoolCompileFail.UnencodableFunctorIsRejectedWithAMessage u
 
 # Cancellation (queued, running, a whole map, an imap dropped early) and per-call time limits.
 multiproc_add_test(test_pool_cancel SOURCES pool_cancel_test.cpp TIMEOUT 60)
+
+# Parent death takes the processes tasks started too; Ctrl-C with and without the program's handler.
+multiproc_add_test(test_pool_signals SOURCES pool_signals_test.cpp TIMEOUT 60)
