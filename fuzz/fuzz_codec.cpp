@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <iterator>
 #include <span>
 #include <string>
 
@@ -92,31 +93,21 @@ void check_outcome(std::span<const std::byte> bytes) {
   }
 }
 
+// One checker per Kind, in the enum's order.
+using Checker = void (*)(std::span<const std::byte>);
+constexpr Checker kCheckers[] = {
+    check<Int>,           check<String>,      check<IntVector>, check<StringVector>, check<ScoreMap>,
+    check<OptionalTuple>, check<Variant>,     check<Record>,    check_outcome,       check<BoolVector>,
+    check<StringSet>,     check<HashMap>,     check<Nested>,    check<ArrayPair>,    check<VariantVector>,
+    check<Point>,         check<EmptyNested>,
+};
+static_assert(std::size(kCheckers) == kKindCount);
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
-  const auto kind = static_cast<Kind>(data[0] % kKindCount);
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data) + 1, size - 1);
-  switch (kind) {
-    case Kind::int_: check<Int>(bytes); break;
-    case Kind::string: check<String>(bytes); break;
-    case Kind::int_vector: check<IntVector>(bytes); break;
-    case Kind::string_vector: check<StringVector>(bytes); break;
-    case Kind::score_map: check<ScoreMap>(bytes); break;
-    case Kind::optional_tuple: check<OptionalTuple>(bytes); break;
-    case Kind::variant: check<Variant>(bytes); break;
-    case Kind::record: check<Record>(bytes); break;
-    case Kind::outcome: check_outcome(bytes); break;
-    case Kind::bool_vector: check<BoolVector>(bytes); break;
-    case Kind::string_set: check<StringSet>(bytes); break;
-    case Kind::hash_map: check<HashMap>(bytes); break;
-    case Kind::nested: check<Nested>(bytes); break;
-    case Kind::array_pair: check<ArrayPair>(bytes); break;
-    case Kind::variant_vector: check<VariantVector>(bytes); break;
-    case Kind::point: check<Point>(bytes); break;
-    case Kind::empty_nested: check<EmptyNested>(bytes); break;
-    case Kind::count_: break;
-  }
+  kCheckers[data[0] % kKindCount](bytes);
   return 0;
 }

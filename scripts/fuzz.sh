@@ -5,7 +5,7 @@
 # (-DMULTIPROC_FUZZ=ON: the library and the fuzz targets under ASan + UBSan with libFuzzer's
 # coverage), builds it and runs the CTest tests labelled "fuzz": each fuzzer for
 # MULTIPROC_FUZZ_SECONDS (60 by default) over a scratch copy of fuzz/corpus/, then every input in
-# fuzz/regressions/ once. Arguments go to ctest (e.g. -R codec, -V).
+# fuzz/regressions/ once, one test after another. Arguments go to ctest (e.g. -R codec, -V, -j2).
 # A crash's input lands in build-fuzz/fuzz/scratch/artifacts/<target>/; keep it as a regression
 # test by copying it into fuzz/regressions/<target>/.
 # Exits with CTest's status: 0 when no fuzzer found anything.
@@ -31,4 +31,4 @@ CC=clang CXX=clang++ multiproc_configure build-fuzz \
   -DMULTIPROC_FUZZ=ON -DMULTIPROC_FUZZ_SECONDS="$seconds" \
   -DMULTIPROC_BUILD_TESTS=OFF -DMULTIPROC_BUILD_EXAMPLES=OFF -DMULTIPROC_BUILD_BENCH=OFF -DMULTIPROC_INSTALL=OFF
 cmake --build build-fuzz -j"$(multiproc_jobs)"
-exec ctest --test-dir build-fuzz -L fuzz --output-on-failure -j2 "$@"
+exec ctest --test-dir build-fuzz -L fuzz --output-on-failure "$@"
