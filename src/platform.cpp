@@ -666,17 +666,26 @@ pid_t current_pid() noexcept {
   return pid;
 }
 
+namespace {
+// Reads the start of a small file (a /proc entry) into `buf`, NUL-terminated; false if it cannot.
+template <std::size_t N>
+bool read_small_file(const char* path, char (&buf)[N]) noexcept {
+  const int fd = checked_noexcept("open", [&] { return ::open(path, O_RDONLY | O_CLOEXEC); });
+  if (fd < 0) return false;
+  const ssize_t n = checked_noexcept("read", [&] { return ::read(fd, buf, N - 1); });
+  close_fd(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  return true;
+}
+}  // namespace
+
 std::uint64_t process_start_time(pid_t pid) noexcept {
   if (pid <= 0) return 0;
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const int fd = checked_noexcept("open", [&] { return ::open(path, O_RDONLY | O_CLOEXEC); });
-  if (fd < 0) return 0;
   char buf[1024];
-  const ssize_t n = checked_noexcept("read", [&] { return ::read(fd, buf, sizeof buf - 1); });
-  close_fd(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
+  if (!read_small_file(path, buf)) return 0;
   // "pid (comm) S ...": comm may hold spaces and parentheses, so fields count from the last ')'.
   const char* p = std::strrchr(buf, ')');
   if (!p || p[1] != ' ') return 0;
@@ -832,16 +841,8 @@ const std::string& build_id() {
 }
 
 int thread_count() noexcept {
-  const int fd = ::open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
   char buf[1024];
-  ssize_t n;
-  do {
-    n = ::read(fd, buf, sizeof buf - 1);
-  } while (n < 0 && errno == EINTR);
-  ::close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
+  if (!read_small_file("/proc/self/stat", buf)) return 0;
   // Field 2 (the command) is in parentheses and may hold spaces: count fields after its ')'.
   const char* p = std::strrchr(buf, ')');
   if (!p) return 0;
@@ -889,16 +890,8 @@ std::optional<siginfo_t> reap_any_child() noexcept {
 }
 
 std::size_t resident_bytes() noexcept {
-  const int fd = ::open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
   char buf[128];
-  ssize_t n;
-  do {
-    n = ::read(fd, buf, sizeof buf - 1);
-  } while (n < 0 && errno == EINTR);
-  ::close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
+  if (!read_small_file("/proc/self/statm", buf)) return 0;
   unsigned long size = 0, resident = 0;
   if (std::sscanf(buf, "%lu %lu", &size, &resident) != 2) return 0;
   return static_cast<std::size_t>(resident) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));

@@ -273,20 +273,26 @@ TEST_P(StartMethodTest, ParentWithThreadsHoldingLocksDoesNotDeadlock) {
   churner.join();
 }
 
-TEST(StartMethodForkWarning, ForkWithForeignThreadsWarnsOnce) {
+// What stderr got while `forks` Processes were started under fork with one other thread running.
+std::string stderr_of_forks_beside_a_thread(int forks) {
   std::atomic<bool> stop{false};
   std::thread other([&] {
     while (!stop) std::this_thread::sleep_for(1ms);
   });
   test_support::StderrCapture capture;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < forks; ++i) {
     mp::Process p{noop};
     p.start();
     p.join();
   }
-  const std::string err = capture.finish();
+  std::string err = capture.finish();
   stop = true;
   other.join();
+  return err;
+}
+
+TEST(StartMethodForkWarning, ForkWithForeignThreadsWarnsOnce) {
+  const std::string err = stderr_of_forks_beside_a_thread(3);
   const auto first = err.find("multiproc: warning: fork() while 1 other thread");
   EXPECT_NE(first, std::string::npos) << err;
   EXPECT_EQ(err.find("multiproc: warning", first + 1), std::string::npos) << "warned more than once: " << err;
@@ -294,17 +300,7 @@ TEST(StartMethodForkWarning, ForkWithForeignThreadsWarnsOnce) {
 
 TEST(StartMethodForkWarning, ChoosingForkExplicitlySilencesIt) {
   mp::set_start_method(StartMethod::fork);
-  std::atomic<bool> stop{false};
-  std::thread other([&] {
-    while (!stop) std::this_thread::sleep_for(1ms);
-  });
-  test_support::StderrCapture capture;
-  mp::Process p{noop};
-  p.start();
-  p.join();
-  const std::string err = capture.finish();
-  stop = true;
-  other.join();
+  const std::string err = stderr_of_forks_beside_a_thread(1);
   EXPECT_EQ(err.find("multiproc: warning"), std::string::npos) << err;
 }
 
