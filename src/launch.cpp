@@ -350,10 +350,9 @@ std::string describe_build(const std::string& id) { return id.empty() ? std::str
         refusal = "cannot enter the parent's working directory " + cwd + ": " + e.what();
       }
       ::clearenv();
-      for (auto& var : env) {
-        // putenv keeps the pointer: the strings live until the process ends.
-        ::putenv((new std::string(std::move(var)))->data());
-      }
+      // putenv keeps the pointers: the strings live, reachable, until the process ends.
+      static auto* kept = new std::vector<std::string>(std::move(env));
+      for (auto& var : *kept) ::putenv(var.data());
     }
     Writer hello;
     Channel::begin_frame(hello);
@@ -575,7 +574,12 @@ void init() {
   if (::getppid() != parent) ::_exit(2);
   if (fds.empty()) ::_exit(2);
   if (role == "forkserver") detail::run_fork_server(std::move(fds[0]));
-  if (role == "child") detail::boot_child(std::move(fds));
+  if (role == "child") {
+    // As a forked child does: a crash is the signal itself, not a report of the runtime's
+    // handlers (a sanitizer's, say), so that it reads the same under every start method.
+    detail::sys::reset_caught_signal_handlers();
+    detail::boot_child(std::move(fds));
+  }
   std::fprintf(stderr, "multiproc: unknown role '%s' in %s\n", role.c_str(), detail::kBootVariable);
   ::_exit(2);
 }

@@ -127,6 +127,20 @@ std::size_t registered_fd_count() noexcept {
   return r.fds.size();
 }
 
+void reset_caught_signal_handlers() noexcept {
+  for (int sig = 1; sig < NSIG; ++sig) {
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    struct sigaction current {};
+    if (::sigaction(sig, nullptr, &current) != 0) continue;
+    if (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN) {
+      struct sigaction dfl {};
+      dfl.sa_handler = SIG_DFL;
+      ::sigemptyset(&dfl.sa_mask);
+      ::sigaction(sig, &dfl, nullptr);
+    }
+  }
+}
+
 namespace detail_fork {
 
 pid_t fork_prepare_and_fork(sigset_t& old_mask) {
@@ -157,17 +171,7 @@ pid_t fork_prepare_and_fork(sigset_t& old_mask) {
 void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t parent) noexcept {
   // Exec's rule: caught signals go back to their default action, ignored ones stay ignored. The
   // parent's handlers belong to the parent's state (its threads, its event loop), not ours.
-  for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig == SIGKILL || sig == SIGSTOP) continue;
-    struct sigaction current {};
-    if (::sigaction(sig, nullptr, &current) != 0) continue;
-    if (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN) {
-      struct sigaction dfl {};
-      dfl.sa_handler = SIG_DFL;
-      ::sigemptyset(&dfl.sa_mask);
-      ::sigaction(sig, &dfl, nullptr);
-    }
-  }
+  reset_caught_signal_handlers();
   if (options.die_with_parent) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     // The parent may have died before prctl ran; then nobody would ever send the signal.

@@ -259,6 +259,10 @@ void kill_process_group_when_parent_dies(pid_t parent) noexcept;
 /// application's own threads).
 void block_all_signals_in_this_thread() noexcept;
 
+/// Caught signals back to their default action (ignored ones stay ignored): what exec does, for
+/// a child whose runtime installed handlers of its own before its work began.
+void reset_caught_signal_handlers() noexcept;
+
 namespace detail_fork {
 pid_t fork_prepare_and_fork(sigset_t& old_mask);
 void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t parent) noexcept;
