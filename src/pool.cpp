@@ -1014,6 +1014,10 @@ struct PoolCore::Impl {
 
 PoolCore::PoolCore(const PoolOptions& options) : impl_(std::make_unique<Impl>(options)) {}
 
+PoolCore::PoolCore(std::unique_ptr<PoolBackend> backend) : backend_(std::move(backend)) {
+  if (!backend_) throw InvalidArgument("Pool: no backend");
+}
+
 namespace {
 // A child forked from a process that owns a pool (a Process target, say) has a copy of the pool's
 // memory but not its supervisor thread or its workers: using it would wait forever.
@@ -1026,6 +1030,10 @@ void check_owner(const PoolCore::Impl& impl) {
 }  // namespace
 
 PoolCore::~PoolCore() {
+  if (backend_) {
+    backend_->terminate();
+    return;
+  }
   if (impl_->owner != sys::current_pid()) {
     // The copy inherited by a forked child: its thread and workers are the parent's. Leave it.
     (void)impl_.release();
@@ -1035,6 +1043,7 @@ PoolCore::~PoolCore() {
 }
 
 void PoolCore::submit(std::vector<Chunk> chunks) {
+  if (backend_) return backend_->submit(std::move(chunks));
   check_owner(*impl_);
   impl_->submit(chunks);
 }
@@ -1046,6 +1055,7 @@ void PoolCore::submit(Chunk chunk) {
 }
 
 void PoolCore::close() {
+  if (backend_) return backend_->close();
   check_owner(*impl_);
   {
     std::lock_guard lock(impl_->mutex);
@@ -1055,6 +1065,7 @@ void PoolCore::close() {
 }
 
 void PoolCore::terminate() noexcept {
+  if (backend_) return backend_->terminate();
   if (impl_->owner != sys::current_pid()) return;
   {
     std::lock_guard lock(impl_->mutex);
@@ -1070,6 +1081,7 @@ void PoolCore::terminate() noexcept {
 }
 
 void PoolCore::join() {
+  if (backend_) return backend_->join();
   check_owner(*impl_);
   {
     std::lock_guard lock(impl_->mutex);
@@ -1078,9 +1090,10 @@ void PoolCore::join() {
   if (impl_->supervisor.joinable()) impl_->supervisor.join();
 }
 
-int PoolCore::processes() const noexcept { return impl_->processes; }
+int PoolCore::processes() const noexcept { return backend_ ? backend_->processes() : impl_->processes; }
 
 std::vector<pid_t> PoolCore::worker_pids() const {
+  if (backend_) return backend_->worker_pids();
   std::lock_guard lock(impl_->mutex);
   return impl_->pids;
 }
@@ -1090,6 +1103,8 @@ std::vector<pid_t> PoolCore::worker_pids() const {
 // ---- Pool ------------------------------------------------------------------------------------
 
 Pool::Pool(PoolOptions options) : core_(std::make_unique<detail::PoolCore>(options)) {}
+Pool::Pool(std::unique_ptr<detail::PoolBackend> backend)
+    : core_(std::make_unique<detail::PoolCore>(std::move(backend))) {}
 Pool::~Pool() = default;
 Pool::Pool(Pool&&) noexcept = default;
 Pool& Pool::operator=(Pool&&) noexcept = default;

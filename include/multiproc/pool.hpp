@@ -472,6 +472,8 @@ class ImapRange {
 class Pool {
  public:
   explicit Pool(PoolOptions options = {});
+  /// A pool whose tasks run elsewhere (multiproc::mpi::make_pool): the same API over another engine.
+  explicit Pool(std::unique_ptr<detail::PoolBackend> backend);
   /// Terminates: see "Lifetime" above.
   ~Pool();
   Pool(const Pool&) = delete;

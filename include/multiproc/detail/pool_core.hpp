@@ -102,9 +102,24 @@ void begin_chunk(Chunk& c, std::uint64_t invoker_id);
 inline void mark_item(Chunk& c) { c.item_offsets.push_back(c.request.size()); }
 void finish_chunk(Chunk& c);
 
+/// Where a Pool's chunks run, other than its own worker processes (the MPI backend): the same
+/// Chunks in, the same Pieces delivered to their Jobs (cancel() through Job's listener).
+class PoolBackend {
+ public:
+  virtual ~PoolBackend() = default;
+  virtual void submit(std::vector<Chunk> chunks) = 0;
+  virtual void close() = 0;
+  virtual void terminate() noexcept = 0;
+  virtual void join() = 0;
+  [[nodiscard]] virtual int processes() const noexcept = 0;
+  [[nodiscard]] virtual std::vector<pid_t> worker_pids() const = 0;
+};
+
 class PoolCore {
  public:
   explicit PoolCore(const PoolOptions& options);
+  /// A pool whose chunks go to `backend` instead of worker processes of its own.
+  explicit PoolCore(std::unique_ptr<PoolBackend> backend);
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
   PoolCore& operator=(const PoolCore&) = delete;
@@ -125,6 +140,7 @@ class PoolCore {
 
  private:
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<PoolBackend> backend_;
 };
 
 }  // namespace multiproc::detail
