@@ -13,16 +13,18 @@ void Writer::reallocate(std::size_t at_least) {
   capacity_ = capacity;
 }
 
-std::size_t Reader::read_length(std::size_t min_element_size) {
+std::size_t Reader::read_length(std::size_t min_element_size, std::size_t element_bytes) {
   const auto n = read_value<std::uint64_t>();
   if (min_element_size == 0) {
-    // Elements that encode to nothing (std::monostate, std::tuple<>): the input cannot bound the
-    // count, so a fixed limit does.
-    constexpr std::uint64_t kMaxEmptyElements = std::uint64_t{1} << 24;
-    if (n > kMaxEmptyElements) {
-      throw SerializationError("length field " + std::to_string(n) + " exceeds the limit of " +
-                               std::to_string(kMaxEmptyElements) + " elements that encode to nothing");
+    // Elements that encode to nothing: the input cannot bound the count, so the budget does,
+    // charged in memory bytes across the whole decode (nesting cannot multiply it).
+    const std::size_t each = element_bytes == 0 ? 1 : element_bytes;
+    if (n > empty_budget_ / each) {
+      throw SerializationError("length field " + std::to_string(n) + " of elements that encode to nothing exceeds " +
+                               "what is left of the decode's budget for them (" + std::to_string(empty_budget_) +
+                               " bytes)");
     }
+    empty_budget_ -= static_cast<std::size_t>(n) * each;
     return static_cast<std::size_t>(n);
   }
   if (n > remaining() / min_element_size) {

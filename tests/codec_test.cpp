@@ -724,6 +724,25 @@ void expect_huge_length_throws_without_allocating(const T& value, std::size_t le
   }
 }
 
+// Found by fuzz_codec (fuzz/regressions/codec/oom-nested-empty-elements): 200 inner vectors of
+// 2^24 elements that encode to nothing each, from 1.6 KB. The budget for such elements is shared
+// by the whole decode, so nesting cannot multiply it.
+TEST(CodecTest, NestedEmptyElementsCannotMultiplyTheirBudget) {
+  multiproc::Writer w;
+  w.write_value(std::uint64_t{200});
+  for (int i = 0; i < 200; ++i) w.write_value(std::uint64_t{1} << 24);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_THROW((void)from_bytes<std::vector<std::vector<std::monostate>>>(w.bytes()), SerializationError);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  // Large elements that encode to nothing are charged at their size.
+  multiproc::Writer big;
+  big.write_value(std::uint64_t{1} << 24);
+  using Wide = std::vector<std::array<std::monostate, 256>>;
+  EXPECT_THROW((void)from_bytes<Wide>(big.bytes()), SerializationError);
+  // Reasonable counts still decode.
+  expect_round_trip(std::vector<std::vector<std::monostate>>(10, std::vector<std::monostate>(1000)));
+}
+
 TEST(CodecTest, HugeLengthFieldThrowsWithoutAllocating) {
   expect_huge_length_throws_without_allocating(std::string("abc"), 0);
   expect_huge_length_throws_without_allocating(std::vector<int>{1, 2, 3}, 0);

@@ -136,9 +136,12 @@ class Reader {
     return out;
   }
   /// Reads an element count and checks it against what is left: every element takes at least
-  /// `min_element_size` bytes (at least 1 is assumed), so a corrupt count cannot make the decoder
-  /// allocate more than the input could hold.
-  std::size_t read_length(std::size_t min_element_size);
+  /// `min_element_size` bytes, so a corrupt count cannot make the decoder allocate more than the
+  /// input could hold. Elements that encode to nothing (std::monostate, std::tuple<>, arrays of
+  /// them) are bounded by a budget instead, shared by the whole decode: at most kEmptyBudget bytes
+  /// of them in memory (`element_bytes` each), however they nest.
+  std::size_t read_length(std::size_t min_element_size, std::size_t element_bytes = 1);
+  static constexpr std::size_t kEmptyBudget = std::size_t{1} << 26;
 
   [[nodiscard]] std::size_t remaining() const noexcept { return bytes_.size() - pos_; }
   [[nodiscard]] std::size_t position() const noexcept { return pos_; }
@@ -148,6 +151,7 @@ class Reader {
 
   std::span<const std::byte> bytes_;
   std::size_t pos_ = 0;
+  std::size_t empty_budget_ = kEmptyBudget;
 };
 
 /// The customization point. The primary template handles cereal-serializable types and
@@ -420,7 +424,7 @@ struct Codec<std::vector<T, A>> {
     }
   }
   static void decode(Reader& r, std::vector<T, A>& out) {
-    const std::size_t n = r.read_length(detail::min_size_v<T>);
+    const std::size_t n = r.read_length(detail::min_size_v<T>, sizeof(T));
     if constexpr (detail::is_bitwise_v<T>) {
       auto bytes = r.take(n * sizeof(T));
       out.resize(n);
@@ -448,7 +452,7 @@ template <class T, class A>
 struct Codec<std::deque<T, A>> {
   static void encode(Writer& w, const std::deque<T, A>& v) { detail::encode_sequence(w, v); }
   static void decode(Reader& r, std::deque<T, A>& out) {
-    const std::size_t n = r.read_length(detail::min_size_v<T>);
+    const std::size_t n = r.read_length(detail::min_size_v<T>, sizeof(T));
     out.clear();
     for (std::size_t i = 0; i < n; ++i) multiproc::decode(r, out.emplace_back());
   }
@@ -458,7 +462,7 @@ template <class T, class A>
 struct Codec<std::list<T, A>> {
   static void encode(Writer& w, const std::list<T, A>& v) { detail::encode_sequence(w, v); }
   static void decode(Reader& r, std::list<T, A>& out) {
-    const std::size_t n = r.read_length(detail::min_size_v<T>);
+    const std::size_t n = r.read_length(detail::min_size_v<T>, sizeof(T));
     out.clear();
     for (std::size_t i = 0; i < n; ++i) multiproc::decode(r, out.emplace_back());
   }
@@ -506,7 +510,7 @@ struct MapCodec {
     }
   }
   static void decode(Reader& r, Map& out) {
-    const std::size_t n = r.read_length(min_size_v<K> + min_size_v<V>);
+    const std::size_t n = r.read_length(min_size_v<K> + min_size_v<V>, sizeof(K) + sizeof(V));
     out.clear();
     for (std::size_t i = 0; i < n; ++i) {
       K k{};
@@ -522,7 +526,7 @@ struct SetCodec {
   using K = typename Set::key_type;
   static void encode(Writer& w, const Set& s) { encode_sequence(w, s); }
   static void decode(Reader& r, Set& out) {
-    const std::size_t n = r.read_length(min_size_v<K>);
+    const std::size_t n = r.read_length(min_size_v<K>, sizeof(K));
     out.clear();
     for (std::size_t i = 0; i < n; ++i) {
       K k{};
