@@ -50,7 +50,7 @@ void close_fd(int fd) noexcept {
 namespace {
 
 // The descriptors the library owns. Guarded by a mutex that fork_prepare_and_fork holds across
-// fork(2), so the child sees a consistent list and can re-create the mutex.
+// fork(2), so the child sees a consistent list and unlocks it.
 struct FdRegistry {
   std::mutex mutex;
   std::vector<int> fds;
@@ -112,8 +112,9 @@ int UniqueFd::release() noexcept {
 
 void close_registered_fds_in_child(std::span<const int> keep) noexcept {
   auto& r = fd_registry();
-  // The parent held the mutex across fork; in the child it is a copy nobody will unlock.
-  new (&r.mutex) std::mutex;
+  // fork_prepare_and_fork locked the mutex across fork(2): in the child, the copy of the thread
+  // that locked it is the only thread, and unlocks it.
+  r.mutex.unlock();
   for (int fd : r.fds) {
     if (std::find(keep.begin(), keep.end(), fd) == keep.end()) ::close(fd);
   }
