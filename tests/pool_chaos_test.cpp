@@ -479,6 +479,7 @@ INSTANTIATE_TEST_SUITE_P(Methods, PoolParentDeath,
 
 TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
   const StartMethod method = GetParam();
+  POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method);
   test_support::Pipe report;
   const int report_fd = report.write;
   // The harness: a forked child that runs a pool and reports its workers' pids (and under

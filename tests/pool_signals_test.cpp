@@ -49,6 +49,7 @@ INSTANTIATE_TEST_SUITE_P(Methods, PoolSignals,
 
 TEST_P(PoolSignals, ProcessesATaskStartedDieWithTheParent) {
   const StartMethod method = GetParam();
+  POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method);
   test_support::Pipe report;
   const int fd = report.write;
   mp::Process harness{mp::ProcessOptions{.start_method = StartMethod::fork}, [fd, method] {
@@ -83,6 +84,7 @@ TEST_P(PoolSignals, ProcessesATaskStartedDieWithTheParent) {
 // own, so only the program gets it: by default it dies of it, and its workers follow silently.
 TEST_P(PoolSignals, CtrlCEndsTheProgramAndItsWorkersWithoutAWordFromThem) {
   const StartMethod method = GetParam();
+  POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method);
   test_support::Pipe report;
   const int fd = report.write;
   test_support::StderrCapture capture;
