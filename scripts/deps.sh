@@ -13,6 +13,8 @@ MULTIPROC_PACKAGES=(
   libbenchmark-dev
   libcereal-dev
   libcli11-dev
+  libopenmpi-dev       # multiproc::mpi, the Pool over MPI ranks, and its tests
+  openmpi-bin
   pkg-config
   python3
 )
