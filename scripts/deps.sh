@@ -15,6 +15,7 @@ MULTIPROC_PACKAGES=(
   libcli11-dev
   libopenmpi-dev       # multiproc::mpi, the Pool over MPI ranks, and its tests
   openmpi-bin
+  iproute2             # ip netns: the MPI test with one rank per network namespace
   pkg-config
   python3
 )

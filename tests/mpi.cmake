@@ -16,6 +16,11 @@ if(TARGET multiproc_mpi AND MPIEXEC_EXECUTABLE)
                    -n 1 $<TARGET_FILE:test_mpi_pool> --gtest_filter=MpiSingleRank.*)
   set_tests_properties(mpi.pool.single_rank PROPERTIES TIMEOUT 60 LABELS mpi
                        ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  # Several hosts on one machine: one network namespace per host, ranks talking over veth only.
+  # Skipped (exit 77) where namespaces cannot be made (not root, no ip netns).
+  add_test(NAME mpi.pool.netns_hosts
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/mpi/netns_hosts.sh ${MPIEXEC_EXECUTABLE} $<TARGET_FILE:test_mpi_pool>)
+  set_tests_properties(mpi.pool.netns_hosts PROPERTIES TIMEOUT 120 LABELS mpi SKIP_RETURN_CODE 77 RUN_SERIAL ON)
 else()
   message(STATUS "multiproc: the MPI tests are skipped: no MPI found (or MULTIPROC_MPI is OFF); "
                  "install Open MPI (libopenmpi-dev openmpi-bin) to build multiproc::mpi and test it")
