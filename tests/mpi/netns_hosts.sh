@@ -46,19 +46,25 @@ for i in 0 1; do
 done
 echo 1 >/proc/sys/net/ipv4/ip_forward
 
+# The hosts' names resolve to their addresses (else every lookup waits for a resolver that may not
+# answer): a hosts file of their own, bind-mounted over /etc/hosts in a private mount namespace.
+{
+  echo "127.0.0.1 localhost"
+  for i in 0 1; do echo "10.77.$((i + 1)).2 ${hosts[$i]}"; done
+} >"$work/hosts"
 # mpirun starts its daemon on each "host" through this agent instead of ssh: inside the host's
 # network namespace, with the host's name (Open MPI tells daemons apart by hostname).
 cat >"$work/agent" <<AGENT
 #!/bin/sh
 host=\$1
 shift
-exec ip netns exec "\$host" unshare --uts sh -c "hostname \$host; \$*"
+exec ip netns exec "\$host" unshare --uts --mount sh -c "mount --bind $work/hosts /etc/hosts; hostname \$host; \$*"
 AGENT
 chmod +x "$work/agent"
 printf '%s slots=2\n%s slots=2\n' "${hosts[0]}" "${hosts[1]}" >"$work/hostfile"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpirun_on_hosts() {
-  ip netns exec "${hosts[0]}" unshare --uts sh -c "hostname ${hosts[0]}; exec \"$mpiexec\" --allow-run-as-root \
+  ip netns exec "${hosts[0]}" unshare --uts --mount sh -c "mount --bind $work/hosts /etc/hosts; hostname ${hosts[0]}; exec \"$mpiexec\" --allow-run-as-root \
     --mca plm_rsh_agent $work/agent --mca routed direct --mca btl self,tcp \
     --mca oob_tcp_if_include 10.77.0.0/16 --mca btl_tcp_if_include 10.77.0.0/16 \
     --hostfile $work/hostfile -n 3 --map-by node $*"
