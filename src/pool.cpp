@@ -142,7 +142,8 @@ Chunk sub_chunk(const Chunk& c, std::uint32_t from, std::uint32_t to) {
   return out;
 }
 
-// One outcome, repeated for `count` items.
+}  // namespace
+
 Piece repeated_outcome(std::uint64_t first, std::uint32_t count, std::span<const std::byte> outcome) {
   Piece p;
   p.first = first;
@@ -156,6 +157,8 @@ void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message)
   w.write_value(static_cast<std::uint8_t>(kind));
   encode(w, message);
 }
+
+namespace {
 
 void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index) {
   w.write_value(static_cast<std::uint8_t>(OutcomeTag::crashed));

@@ -45,6 +45,8 @@ using detail::Chunk;
 using detail::OutcomeTag;
 using detail::Piece;
 using detail::PoolErrorKind;
+using detail::repeated_outcome;
+using detail::write_pool_error;
 
 constexpr int kTagTask = 1;
 constexpr int kTagShutdown = 2;
@@ -58,20 +60,6 @@ constexpr std::size_t kMaxMessage = INT_MAX;
 constexpr std::size_t kBuildIdBytes = 128;
 
 // ---- small helpers ---------------------------------------------------------------------------
-
-void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message) {
-  w.write_value(static_cast<std::uint8_t>(OutcomeTag::pool_error));
-  w.write_value(static_cast<std::uint8_t>(kind));
-  encode(w, message);
-}
-
-Piece repeated_outcome(std::uint64_t first, std::uint32_t count, std::span<const std::byte> outcome) {
-  Piece p;
-  p.first = first;
-  p.count = count;
-  for (std::uint32_t i = 0; i < count; ++i) p.bytes.write_bytes(outcome.data(), outcome.size());
-  return p;
-}
 
 void fail_chunk(const Chunk& c, PoolErrorKind kind, const std::string& why) {
   Writer one;

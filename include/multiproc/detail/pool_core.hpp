@@ -4,15 +4,17 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "multiproc/codec.hpp"
@@ -95,6 +97,12 @@ struct Chunk {
   std::vector<std::size_t> item_offsets;
   std::size_t items_end = 0;
 };
+
+/// One outcome, repeated for `count` items starting at `first`.
+Piece repeated_outcome(std::uint64_t first, std::uint32_t count, std::span<const std::byte> outcome);
+enum class PoolErrorKind : std::uint8_t;
+/// Writes a pool error (cancelled, protocol, initializer, system, timeout) as one outcome.
+void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message);
 
 /// Starts a chunk: frame header room, the invoker id, a count to be patched by finish_chunk().
 void begin_chunk(Chunk& c, std::uint64_t invoker_id);
