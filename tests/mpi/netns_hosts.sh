@@ -34,19 +34,21 @@ ip netns add "${hosts[0]}" 2>/dev/null || skip "cannot create network namespaces
 ip netns add "${hosts[1]}" || skip "cannot create a second network namespace"
 ip netns exec "${hosts[0]}" unshare --uts --mount true 2>/dev/null ||
   skip "cannot make UTS and mount namespaces inside a network namespace here"
-for i in 0 1; do
-  host=${hosts[$i]}
-  net=$((i + 1))
-  ip link add "${tag}v$i" type veth peer name "${tag}p$i"
-  ip link set "${tag}p$i" netns "$host"
-  ip addr add "10.77.$net.1/24" dev "${tag}v$i"
-  ip link set "${tag}v$i" up
-  ip netns exec "$host" ip addr add "10.77.$net.2/24" dev "${tag}p$i"
-  ip netns exec "$host" ip link set "${tag}p$i" up
-  ip netns exec "$host" ip link set lo up
-  ip netns exec "$host" ip route add default via "10.77.$net.1"
-done
-echo 1 >/proc/sys/net/ipv4/ip_forward
+# Each host: a veth pair from the root namespace, its own /24, a default route back.
+connect() {
+  local i=$1 host=${hosts[$1]} net=$(($1 + 1))
+  ip link add "${tag}v$i" type veth peer name "${tag}p$i" &&
+    ip link set "${tag}p$i" netns "$host" &&
+    ip addr add "10.77.$net.1/24" dev "${tag}v$i" &&
+    ip link set "${tag}v$i" up &&
+    ip netns exec "$host" ip addr add "10.77.$net.2/24" dev "${tag}p$i" &&
+    ip netns exec "$host" ip link set "${tag}p$i" up &&
+    ip netns exec "$host" ip link set lo up &&
+    ip netns exec "$host" ip route add default via "10.77.$net.1"
+}
+connect 0 || skip "cannot connect a namespace with a veth pair"
+connect 1 || skip "cannot connect a namespace with a veth pair"
+{ echo 1 >/proc/sys/net/ipv4/ip_forward; } 2>/dev/null || skip "cannot enable IP forwarding between the hosts"
 
 # The hosts' names resolve to their addresses (else every lookup waits for a resolver that may not
 # answer): a hosts file of their own, bind-mounted over /etc/hosts in a private mount namespace.
