@@ -17,7 +17,8 @@
 // and `static void decode(Reader&, T&)`.
 //
 // Decoding never reads past its input and never allocates more than a small multiple of the input
-// size, whatever a length field says: truncated or corrupt bytes throw SerializationError.
+// size (plus at most 1 MiB of elements that encode to nothing, such as std::monostate), whatever a
+// length field says: truncated or corrupt bytes throw SerializationError.
 // The format is native-endian and meant for processes of one build on one machine, not storage.
 // Trivially copyable structs and enums are copied byte for byte, unvalidated: from corrupt bytes a
 // bool member or an enum can decode to a value outside its range. Types that must be checked give
@@ -141,7 +142,7 @@ class Reader {
   /// them) are bounded by a budget instead, shared by the whole decode: at most kEmptyBudget bytes
   /// of them in memory (`element_bytes` each), however they nest.
   std::size_t read_length(std::size_t min_element_size, std::size_t element_bytes = 1);
-  static constexpr std::size_t kEmptyBudget = std::size_t{1} << 26;
+  static constexpr std::size_t kEmptyBudget = std::size_t{1} << 20;
 
   [[nodiscard]] std::size_t remaining() const noexcept { return bytes_.size() - pos_; }
   [[nodiscard]] std::size_t position() const noexcept { return pos_; }
