@@ -133,9 +133,8 @@ Child exec_child(const char* role, std::span<const int> fds, bool die_with_paren
   fo.keep_fds = fds;
   fo.die_with_parent = die_with_parent;
   fo.clear_signal_mask = true;
-  const pid_t pid = sys::fork_process(fo, [&] {
-    sys::exec_in_child(image.path.c_str(), image.argv.data(), image.envp.data(), fds);
-  });
+  const pid_t pid =
+      sys::fork_process(fo, [&] { sys::exec_in_child(image.path.c_str(), image.argv.data(), image.envp.data(), fds); });
   try {
     return Child(pid, sys::pidfd_open(pid));
   } catch (...) {

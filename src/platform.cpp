@@ -1,14 +1,14 @@
 #include "platform.hpp"
 
+#include <elf.h>
 #include <fcntl.h>
+#include <link.h>
 #include <linux/futex.h>
 #include <poll.h>
-#include <elf.h>
-#include <link.h>
 #include <sys/eventfd.h>
-#include <sys/signalfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>

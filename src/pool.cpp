@@ -26,8 +26,8 @@
 #include <thread>
 
 #include "channel.hpp"
-#include "multiproc/cpu.hpp"
 #include "launch.hpp"
+#include "multiproc/cpu.hpp"
 #include "platform.hpp"
 
 namespace multiproc {
@@ -297,8 +297,8 @@ struct PoolCore::Impl {
     std::size_t inflight_bytes = 0;
     std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
     std::chrono::steady_clock::time_point last_result{};
-    bool quick = false;        // its last chunk took less than kShortChunk: pipeline to it
-    bool timed_out = false;    // killed for running past task_timeout: its item fails with TaskTimeout
+    bool quick = false;          // its last chunk took less than kShortChunk: pipeline to it
+    bool timed_out = false;      // killed for running past task_timeout: its item fails with TaskTimeout
     bool cancel_killed = false;  // killed because the call of the task it ran was cancelled
     bool retiring = false;       // said it will exit (max_memory_per_child) or was told to (idle)
     std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
@@ -480,9 +480,8 @@ struct PoolCore::Impl {
       fo.keep_fds = keep;
       fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
       check_fork_safety();
-      const pid_t pid = sys::fork_process(fo, [&] {
-        worker_main(Channel(sys::UniqueFd(child_end.release()), max_payload), progress, config);
-      });
+      const pid_t pid = sys::fork_process(
+          fo, [&] { worker_main(Channel(sys::UniqueFd(child_end.release()), max_payload), progress, config); });
       try {
         w.child = Child(pid, sys::pidfd_open(pid));
       } catch (...) {

@@ -45,7 +45,8 @@ std::string method_name(const ::testing::TestParamInfo<StartMethod>& info) { ret
 
 class PoolSignals : public ::testing::TestWithParam<StartMethod> {};
 INSTANTIATE_TEST_SUITE_P(Methods, PoolSignals,
-                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn), method_name);
+                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
+                         method_name);
 
 TEST_P(PoolSignals, ProcessesATaskStartedDieWithTheParent) {
   const StartMethod method = GetParam();
@@ -74,8 +75,9 @@ TEST_P(PoolSignals, ProcessesATaskStartedDieWithTheParent) {
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_EQ(::kill(harness.pid(), SIGKILL), 0);
   EXPECT_TRUE(all_gone_within(watched, 1000ms)) << "a worker or a process a task started outlived the parent";
-  RecordProperty("all_gone_ms",
-                 std::to_string(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count()));
+  RecordProperty(
+      "all_gone_ms",
+      std::to_string(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count()));
   harness.join();
   for (pid_t p : watched) ::kill(p, SIGKILL);  // nothing should be left; never leave a sleeper behind
 }

@@ -40,10 +40,10 @@
 // a multi-threaded process a worker blocked in a task never reaches one: the parent-death signal
 // handler that takes the worker's process group down does not run there. Tests of that path
 // under fork are left out of TSan builds (the other builds run them).
-#define POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method)                                            \
-  do {                                                                                               \
-    if (POOLTEST_TSAN && (method) == multiproc::StartMethod::fork)                                   \
-      GTEST_SKIP() << "ThreadSanitizer defers the parent-death handler in a forked worker";          \
+#define POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method)                                  \
+  do {                                                                                      \
+    if (POOLTEST_TSAN && (method) == multiproc::StartMethod::fork)                          \
+      GTEST_SKIP() << "ThreadSanitizer defers the parent-death handler in a forked worker"; \
   } while (0)
 
 // Clang before 16 cannot compile libstdc++'s range views (std::views::iota, filter, ref_view,

@@ -71,7 +71,8 @@ class StartMethodTest : public ::testing::TestWithParam<StartMethod> {
 };
 
 INSTANTIATE_TEST_SUITE_P(Methods, StartMethodTest,
-                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn), method_name);
+                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
+                         method_name);
 
 // ---- what a child sees --------------------------------------------------------------------------
 
@@ -194,10 +195,12 @@ TEST_P(StartMethodTest, ManyStartsLeaveNoChildAndNoDescriptor) {
 
 TEST_P(StartMethodTest, CrashingTaskFailsAloneAndThePoolGoesOn) {
   mp::Pool pool{{.processes = 2, .start_method = method()}};
-  auto crash = pool.apply_async([](int) {
-    segfault();
-    return 0;
-  }, 0);
+  auto crash = pool.apply_async(
+      [](int) {
+        segfault();
+        return 0;
+      },
+      0);
   EXPECT_THROW(crash.get(), mp::WorkerCrashed);
   EXPECT_EQ(pool.map(square, std::vector<int>{1, 2, 3}), (std::vector<int>{1, 4, 9}));
 }

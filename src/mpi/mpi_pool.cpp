@@ -78,7 +78,8 @@ class Backoff {
     sleep_ = std::chrono::microseconds(20);
   }
   [[nodiscard]] std::chrono::microseconds next() noexcept {
-    if (std::chrono::steady_clock::now() - active_ < std::chrono::microseconds(500)) return std::chrono::microseconds(0);
+    if (std::chrono::steady_clock::now() - active_ < std::chrono::microseconds(500))
+      return std::chrono::microseconds(0);
     const auto s = sleep_;
     sleep_ = std::min(sleep_ * 2, cap_);
     return s;
@@ -136,7 +137,9 @@ class Hub {
  public:
   explicit Hub(int size) : inflight_(static_cast<std::size_t>(size)) {}
 
-  void start() { thread_ = std::thread([this] { run(); }); }
+  void start() {
+    thread_ = std::thread([this] { run(); });
+  }
 
   void submit(const std::shared_ptr<PoolState>& pool, std::vector<Chunk> chunks) {
     std::vector<Chunk> refused;
@@ -307,8 +310,9 @@ class Hub {
       for (auto& [seq, f] : r) {
         if (f.orphan || !(all || f.pool->terminated.load())) continue;
         f.orphan = true;
-        fail_chunk(f.chunk, PoolErrorKind::cancelled,
-                   all ? "MPI was finalized before the task finished" : "the pool was terminated before the task finished");
+        fail_chunk(
+            f.chunk, PoolErrorKind::cancelled,
+            all ? "MPI was finalized before the task finished" : "the pool was terminated before the task finished");
         finished(*f.pool);
       }
     }
@@ -333,8 +337,9 @@ class Hub {
       }
       for (auto& q : dropped) {
         if (q.pool->terminated.load() || stopping) {
-          fail_chunk(q.chunk, PoolErrorKind::cancelled,
-                     stopping ? "MPI was finalized before the task ran" : "the pool was terminated before the task ran");
+          fail_chunk(
+              q.chunk, PoolErrorKind::cancelled,
+              stopping ? "MPI was finalized before the task ran" : "the pool was terminated before the task ran");
         }
         finished(*q.pool);
       }
@@ -456,8 +461,8 @@ class MpiBackend final : public detail::PoolBackend {
     in.grow(static_cast<std::size_t>(std::max(n, 0)));
     MPI_Recv(in.data(), n, MPI_BYTE, 0, st.MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
     if (st.MPI_TAG != kTagTask || n < static_cast<int>(sizeof(std::uint64_t))) {
-      std::fprintf(stderr, "multiproc::mpi: rank %d got an unexpected message (tag %d); aborting the MPI job\n",
-                   g_rank, st.MPI_TAG);
+      std::fprintf(stderr, "multiproc::mpi: rank %d got an unexpected message (tag %d); aborting the MPI job\n", g_rank,
+                   st.MPI_TAG);
       MPI_Abort(MPI_COMM_WORLD, 70);
     }
     out.clear();
@@ -505,7 +510,8 @@ void init(int& argc, char**& argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   if (provided < MPI_THREAD_SERIALIZED) {
     if (g_rank == 0) {
-      std::fprintf(stderr, "multiproc::mpi: this MPI library provides thread level %d; MPI_THREAD_SERIALIZED is needed\n",
+      std::fprintf(stderr,
+                   "multiproc::mpi: this MPI library provides thread level %d; MPI_THREAD_SERIALIZED is needed\n",
                    provided);
     }
     MPI_Abort(MPI_COMM_WORLD, 1);
@@ -529,8 +535,8 @@ void init(int& argc, char**& argv) {
       const char* theirs = all.data() + static_cast<std::size_t>(r) * kBuildIdBytes;
       if (std::memcmp(theirs, mine.data(), kBuildIdBytes) != 0) {
         bad = 1;
-        mismatch += "rank " + std::to_string(r) + " runs build " +
-                    std::string(theirs, strnlen(theirs, kBuildIdBytes)) + "; ";
+        mismatch +=
+            "rank " + std::to_string(r) + " runs build " + std::string(theirs, strnlen(theirs, kBuildIdBytes)) + "; ";
       }
     }
     g_pids.assign(pids.begin(), pids.end());
@@ -540,8 +546,8 @@ void init(int& argc, char**& argv) {
     MPI_Finalize();
     g_finalized.store(true);
     if (g_rank != 0) std::exit(1);
-    throw BuildMismatch("multiproc::mpi: every rank must run the same build of the program; rank 0 runs build " +
-                        id + ", " + mismatch.substr(0, mismatch.size() - 2));
+    throw BuildMismatch("multiproc::mpi: every rank must run the same build of the program; rank 0 runs build " + id +
+                        ", " + mismatch.substr(0, mismatch.size() - 2));
   }
   g_initialized.store(true);
   if (g_rank != 0) worker_loop();
@@ -574,10 +580,12 @@ int rank() noexcept { return g_rank; }
 int size() noexcept { return g_size; }
 
 Pool make_pool(PoolConfig config) {
-  if (!initialized()) throw StateError("multiproc::mpi::make_pool() needs multiproc::mpi::init() first (or MPI was finalized)");
+  if (!initialized())
+    throw StateError("multiproc::mpi::make_pool() needs multiproc::mpi::init() first (or MPI was finalized)");
   if (g_rank != 0) throw StateError("multiproc::mpi::make_pool() runs on rank 0 only");
   if (g_size < 2) {
-    throw StateError("multiproc::mpi::make_pool(): no worker ranks (the MPI job has 1 rank; run it with mpirun -n 2 or more)");
+    throw StateError(
+        "multiproc::mpi::make_pool(): no worker ranks (the MPI job has 1 rank; run it with mpirun -n 2 or more)");
   }
   if (config.in_flight_per_rank < 1) throw InvalidArgument("mpi::PoolConfig::in_flight_per_rank must be at least 1");
   Hub* hub = nullptr;
