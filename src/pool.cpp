@@ -391,8 +391,12 @@ struct PoolCore::Impl {
       for (auto& c : chunks) fail_chunk(c, PoolErrorKind::initializer, why);
       return;
     }
+    const Job* listened = nullptr;
     for (auto& c : chunks) {
-      c.job->set_listener(waker);
+      if (c.job.get() != listened) {  // the chunks of one call share one job
+        c.job->set_listener(waker);
+        listened = c.job.get();
+      }
       if (c.request.size() - sizeof(FrameHeader) > max_payload) {
         // Too large to send: fail it now rather than at the worker.
         lock.unlock();
