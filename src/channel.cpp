@@ -5,14 +5,14 @@
 
 namespace multiproc::detail {
 
-void Channel::send(FrameTag tag, std::uint64_t id, Writer& frame) const {
+void Channel::send(FrameTag tag, std::uint64_t id, Writer& frame, std::uint16_t flags) const {
   if (frame.size() < sizeof(FrameHeader)) throw ProtocolError("frame built without begin_frame()");
   const std::size_t length = frame.size() - sizeof(FrameHeader);
   if (length > max_payload_) {
     throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
                         std::to_string(max_payload_) + " bytes");
   }
-  const FrameHeader h{kFrameMagic, static_cast<std::uint16_t>(tag), 0, id, length};
+  const FrameHeader h{kFrameMagic, static_cast<std::uint16_t>(tag), flags, id, length};
   std::memcpy(frame.data(), &h, sizeof h);
   sys::write_all(fd_.get(), frame.bytes());
 }

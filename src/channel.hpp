@@ -23,8 +23,11 @@ enum class FrameTag : std::uint16_t {
   boot = 5,         // parent -> spawned/forkserver child: build id, role, cwd, environment, config
   hello = 6,        // child -> parent: its build id, pid, and whether it accepts the boot frame
   retire = 7,       // worker -> parent: past max_memory_per_child, it exits after this frame
+  on_socket = 8,    // in a frame ring: the frame with this id is too large for the ring and comes
+                    // over the socket instead
+  quit = 9,         // parent -> worker: leave (the pool is closing, or the worker idled too long)
 };
-inline constexpr std::uint16_t kMaxFrameTag = 7;
+inline constexpr std::uint16_t kMaxFrameTag = 9;
 
 struct FrameHeader {
   std::uint32_t magic;
@@ -35,6 +38,9 @@ struct FrameHeader {
 };
 static_assert(sizeof(FrameHeader) == 24);
 inline constexpr std::uint32_t kFrameMagic = 0x3146504D;  // "MPF1"
+/// In a task frame's reserved field: the chunk has a time limit, so the worker stamps the start of
+/// each item (a clock read per item, which untimed chunks do without).
+inline constexpr std::uint16_t kFrameTimed = 1;
 
 class Channel {
  public:
@@ -46,8 +52,9 @@ class Channel {
     w.clear();
     w.grow(sizeof(FrameHeader));
   }
-  /// Fills in the header of a frame built after begin_frame() and sends it whole.
-  void send(FrameTag tag, std::uint64_t id, Writer& frame) const;
+  /// Fills in the header of a frame built after begin_frame() and sends it whole. `flags` go in
+  /// the header's reserved field.
+  void send(FrameTag tag, std::uint64_t id, Writer& frame, std::uint16_t flags = 0) const;
   /// Reads one frame; the payload replaces the contents of `payload`. False on a clean EOF
   /// before a frame starts. Throws ProtocolError on a bad frame or EOF inside one.
   /// Reads are buffered: one recv(2) can bring several small frames. A poll(2) on fd() does not

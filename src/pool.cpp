@@ -29,6 +29,7 @@
 #include "launch.hpp"
 #include "multiproc/cpu.hpp"
 #include "platform.hpp"
+#include "ring.hpp"
 
 namespace multiproc {
 
@@ -43,19 +44,50 @@ void Job::deliver(Piece piece) {
     const auto first = piece.first;
     pieces_.emplace(first, std::move(piece));
   }
+  changes_.fetch_add(1, std::memory_order_release);
   cv_.notify_all();
 }
 
+template <class Pred>
+void Job::help_until(Pred&& pred) {
+  std::shared_ptr<JobListener> listener;
+  {
+    std::lock_guard lock(mutex_);
+    if (pred()) return;
+    listener = listener_.lock();
+  }
+  if (!listener) return;
+  struct Context {
+    Job* job;
+    std::remove_reference_t<Pred>* pred;
+    std::uint64_t seen;
+  } context{this, &pred, changes_.load(std::memory_order_acquire)};
+  listener->help_wait(
+      [](void* p) {
+        auto& c = *static_cast<Context*>(p);
+        const std::uint64_t now = c.job->changes_.load(std::memory_order_acquire);
+        if (now == c.seen) return false;
+        c.seen = now;
+        std::lock_guard lock(c.job->mutex_);
+        return (*c.pred)();
+      },
+      &context);
+}
+
 Piece Job::take_at(std::uint64_t first) {
+  auto ready = [&] { return pieces_.contains(first); };
+  help_until(ready);
   std::unique_lock lock(mutex_);
-  cv_.wait(lock, [&] { return pieces_.contains(first); });
+  cv_.wait(lock, ready);
   auto node = pieces_.extract(first);
   return std::move(node.mapped());
 }
 
 Piece Job::take_any() {
+  auto ready = [&] { return !pieces_.empty(); };
+  help_until(ready);
   std::unique_lock lock(mutex_);
-  cv_.wait(lock, [&] { return !pieces_.empty(); });
+  cv_.wait(lock, ready);
   auto node = pieces_.extract(pieces_.begin());
   return std::move(node.mapped());
 }
@@ -68,6 +100,7 @@ void Job::cancel() noexcept {
     cancelled_.store(true, std::memory_order_release);
     listener = listener_.lock();
   }
+  changes_.fetch_add(1, std::memory_order_release);
   cv_.notify_all();
   if (listener) listener->job_cancelled();
 }
@@ -78,8 +111,9 @@ void Job::set_listener(std::weak_ptr<JobListener> listener) {
 }
 
 bool Job::wait_done(std::uint64_t total, std::optional<std::chrono::steady_clock::time_point> deadline) {
-  std::unique_lock lock(mutex_);
   auto pred = [&] { return items_done_ >= total || cancelled_.load(std::memory_order_relaxed); };
+  if (!deadline || *deadline > std::chrono::steady_clock::now()) help_until(pred);
+  std::unique_lock lock(mutex_);
   if (!deadline) {
     cv_.wait(lock, pred);
     return true;
@@ -170,6 +204,50 @@ void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index)
   w.write_value(index);
 }
 
+// ---- memory the parent shares with its workers ----------------------------------------------
+
+// One block per pool, shared with every worker: how many workers are running a chunk and how many
+// threads spin, so that nobody spins when no core is free (spinning on an oversubscribed machine
+// delays the process that would have answered by a whole scheduler time slice).
+struct PoolShared {
+  alignas(64) std::atomic<std::uint32_t> active{0};           // workers running a chunk
+  std::atomic<std::uint32_t> spinners{0};                     // parent threads and workers spinning
+  alignas(64) std::atomic<std::uint32_t> parent_spinners{0};  // parent threads spinning for results
+  std::uint32_t cpus = 1;
+
+  // Counts the caller in as a spinner if that leaves no process waiting for a core. Unless one
+  // of its threads spins, the parent needs a core of its own to take results.
+  bool try_start_spin() noexcept {
+    const std::uint32_t n = spinners.fetch_add(1, std::memory_order_seq_cst) + 1;
+    const std::uint32_t parent = parent_spinners.load(std::memory_order_seq_cst) == 0 ? 1 : 0;
+    if (active.load(std::memory_order_relaxed) + n + parent <= cpus) return true;
+    spinners.fetch_sub(1, std::memory_order_relaxed);
+    return false;
+  }
+  void end_spin() noexcept { spinners.fetch_sub(1, std::memory_order_relaxed); }
+};
+constexpr std::size_t kPoolSharedBytes = 4096;
+
+// One block per worker: its progress (what it runs: timeouts and crash reports use it), whether it
+// is counted as busy or spinning (so that the parent can take it out of the counts if it dies),
+// and its two frame rings.
+struct WorkerShared {
+  Progress progress;
+  alignas(64) std::atomic<std::uint32_t> busy{0};  // counted in PoolShared::active
+  std::atomic<std::uint32_t> spinning{0};          // counted in PoolShared::spinners
+};
+constexpr std::size_t kRingCapacity = 1024 * 1024;
+constexpr std::size_t kRequestRingOffset = 4096;
+constexpr std::size_t kResultRingOffset = kRequestRingOffset + FrameRing::bytes_for(kRingCapacity);
+constexpr std::size_t kWorkerSharedBytes = (kResultRingOffset + FrameRing::bytes_for(kRingCapacity) + 4095) & ~4095UL;
+static_assert(sizeof(WorkerShared) <= kRequestRingOffset);
+
+// How long a worker spins for its next request, and a parent thread for its results, before
+// sleeping (only while a core is free). A round trip takes a few microseconds; these cover the
+// time a caller needs between one call and the next.
+constexpr auto kWorkerSpin = std::chrono::microseconds(100);
+constexpr auto kParentSpin = std::chrono::microseconds(100);
+
 // ---- the worker process ----------------------------------------------------------------------
 
 struct WorkerConfig {
@@ -182,8 +260,103 @@ struct WorkerConfig {
   std::size_t max_memory = 0;
 };
 
-[[noreturn]] void worker_main(Channel channel, Progress* progress, const WorkerConfig& config) noexcept {
+// The worker's end of its link with the parent.
+struct WorkerLink {
+  Channel channel;  // frames too large for a ring; EOF when the parent goes
+  WorkerShared* shared = nullptr;
+  PoolShared* pool = nullptr;
+  FrameRing requests;  // the worker consumes
+  FrameRing results;   // the worker produces
+  int doorbell = -1;   // an eventfd the parent's supervisor polls
+  pid_t parent = 0;
+
+  WorkerLink(Channel c, std::byte* memory, PoolShared* pool_shared, int bell, const WorkerConfig& config)
+      : channel(std::move(c)),
+        shared(reinterpret_cast<WorkerShared*>(memory)),
+        pool(pool_shared),
+        requests(memory + kRequestRingOffset, kRingCapacity, config.max_payload),
+        results(memory + kResultRingOffset, kRingCapacity, config.max_payload),
+        doorbell(bell),
+        parent(config.parent) {}
+
+  [[nodiscard]] bool parent_alive() const noexcept { return ::getppid() == parent; }
+
+  // Rings the supervisor's doorbell unless a thread of the parent is spinning for results (it
+  // will see this one; it rings the doorbell itself if it stops before).
+  void ring_doorbell() const noexcept {
+    if (pool->parent_spinners.load(std::memory_order_seq_cst) != 0) return;
+    try {
+      sys::event_signal(doorbell);
+    } catch (...) {
+    }
+  }
+
+  // Sends a frame through the result ring, or over the socket (announced in the ring) when it is
+  // too large for the ring.
+  void send(FrameTag tag, std::uint64_t id, Writer& frame) {
+    auto alive = [this] { return parent_alive(); };
+    if (results.could_fit(frame.size() - sizeof(FrameHeader))) {
+      if (!results.send(tag, id, frame, alive)) throw ProtocolError("the pool's process is gone");
+      ring_doorbell();
+      return;
+    }
+    Writer marker;
+    Channel::begin_frame(marker);
+    if (!results.send(FrameTag::on_socket, id, marker, alive)) throw ProtocolError("the pool's process is gone");
+    ring_doorbell();
+    channel.send(tag, id, frame);
+  }
+
+  void set_spinning(bool on) noexcept {
+    if (on) {
+      shared->spinning.store(1, std::memory_order_relaxed);
+    } else {
+      shared->spinning.store(0, std::memory_order_relaxed);
+      pool->end_spin();
+    }
+  }
+
+  // Waits for the next task; false when told to leave or when the parent is gone.
+  bool next_task(FrameHeader& h, Writer& in) {
+    bool spinning = false;
+    bool tried_spin = false;
+    std::chrono::steady_clock::time_point until{};
+    for (unsigned n = 0;; ++n) {
+      if (requests.try_recv(h, in)) break;
+      if (!tried_spin) {
+        tried_spin = true;
+        spinning = pool->try_start_spin();
+        if (spinning) {
+          set_spinning(true);
+          until = std::chrono::steady_clock::now() + kWorkerSpin;
+        }
+      }
+      if (spinning) {
+        if ((n & 31) != 0 || std::chrono::steady_clock::now() < until) {
+          cpu_relax();
+          continue;
+        }
+        spinning = false;
+        set_spinning(false);
+      }
+      requests.wait_readable(std::chrono::seconds(1));
+      if (!parent_alive()) return false;
+    }
+    if (spinning) set_spinning(false);
+    if (h.tag == static_cast<std::uint16_t>(FrameTag::quit)) return false;
+    if (h.tag == static_cast<std::uint16_t>(FrameTag::on_socket)) {
+      const std::uint64_t id = h.id;
+      if (!channel.recv(h, in) || h.id != id) throw ProtocolError("a frame announced in the ring did not come");
+    }
+    if (h.tag != static_cast<std::uint16_t>(FrameTag::task))
+      throw ProtocolError("worker got a frame that is not a task");
+    return true;
+  }
+};
+
+[[noreturn]] void worker_main(WorkerLink& link, const WorkerConfig& config) noexcept {
   int code = 0;
+  Progress* progress = &link.shared->progress;
   // A task's own children live in the worker's process group: they go when the parent does too.
   sys::kill_process_group_when_parent_dies(config.parent);
   try {
@@ -194,19 +367,20 @@ struct WorkerConfig {
       if (!config.initialize(failure)) {
         Channel::begin_frame(out);
         out.write_bytes(failure.data(), failure.size());
-        channel.send(FrameTag::init_failed, 0, out);
+        link.send(FrameTag::init_failed, 0, out);
         sys::detail_fork::child_exit(3);
       }
     }
     progress->initialized.store(1, std::memory_order_relaxed);
-    const TaskContext ctx{progress, config.timed};
     std::size_t done = 0;
     FrameHeader h{};
-    while (channel.recv(h, in)) {
-      if (h.tag != static_cast<std::uint16_t>(FrameTag::task))
-        throw ProtocolError("worker got a frame that is not a task");
+    while (link.next_task(h, in)) {
       Reader r(in.bytes());
       Channel::begin_frame(out);
+      link.pool->active.fetch_add(1, std::memory_order_relaxed);
+      link.shared->busy.store(1, std::memory_order_relaxed);
+      // Items are stamped only where the parent set a time limit.
+      const TaskContext ctx{progress, config.timed && (h.reserved & kFrameTimed) != 0};
       // Stamp first, publish the chunk last: the parent never pairs this chunk with a stale time.
       if (config.timed) {
         progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
@@ -214,22 +388,36 @@ struct WorkerConfig {
       }
       progress->item.store(0, std::memory_order_relaxed);
       progress->chunk.store(h.id, std::memory_order_release);
+      FrameTag reply = FrameTag::result;
       try {
         const auto id = r.read_value<std::uint64_t>();
         const auto count = r.read_value<std::uint32_t>();
         require_invoker(id)(r, count, out, ctx);
         if (r.remaining() != 0) throw ProtocolError("task request has trailing bytes");
-        channel.send(FrameTag::result, h.id, out);
       } catch (...) {
         Channel::begin_frame(out);
         encode_current_exception(out);
-        channel.send(FrameTag::fault, h.id, out);
+        reply = FrameTag::fault;
       }
+      link.shared->busy.store(0, std::memory_order_relaxed);
+      link.pool->active.fetch_sub(1, std::memory_order_relaxed);
+      const std::size_t length = out.size() - sizeof(FrameHeader);
+      if (length > config.max_payload) {
+        Channel::begin_frame(out);
+        try {
+          throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
+                              std::to_string(config.max_payload) + " bytes");
+        } catch (...) {
+          encode_current_exception(out);
+        }
+        reply = FrameTag::fault;
+      }
+      link.send(reply, h.id, out);
       if (config.max_tasks && ++done >= config.max_tasks) break;
       if (config.max_memory && sys::resident_bytes() > config.max_memory) {
         // Tell the parent first: chunks it already sent go to another worker, not to a crash.
         Channel::begin_frame(out);
-        channel.send(FrameTag::retire, 0, out);
+        link.send(FrameTag::retire, 0, out);
         break;
       }
     }
@@ -265,10 +453,19 @@ void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::Uniqu
         return read_outcome_tag(outcome) == OutcomeTag::value;
       };
     }
-    static sys::FileMapping page(fds.at(1).get(), 4096);
+    // Its shared block and rings, the pool's shared block, and the supervisor's doorbell.
+    if (fds.size() < 4 || sys::file_size(fds[1].get()) != kWorkerSharedBytes ||
+        sys::file_size(fds[2].get()) != kPoolSharedBytes) {
+      throw ProtocolError("the pool's shared memory did not come as expected");
+    }
+    static sys::FileMapping memory(fds[1].get(), kWorkerSharedBytes);
+    static sys::FileMapping pool(fds[2].get(), kPoolSharedBytes);
     fds[1].reset();
+    fds[2].reset();
     channel.set_max_payload(config.max_payload);
-    worker_main(std::move(channel), reinterpret_cast<Progress*>(page.data()), config);
+    static WorkerLink link(std::move(channel), memory.data(), reinterpret_cast<PoolShared*>(pool.data()), fds[3].get(),
+                           config);
+    worker_main(link, config);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "multiproc: a pool worker could not start: %s\n", e.what());
   }
@@ -289,11 +486,13 @@ struct PoolCore::Impl {
   struct Worker {
     pid_t pid = 0;
     Child child;
-    Channel channel;
-    sys::SharedMapping progress_page;  // fork: shared anonymous memory
-    sys::FileMapping progress_file;    // forkserver, spawn: a memfd passed to the worker
-    Progress* progress_ptr = nullptr;
-    std::deque<InFlight> inflight;  // sent, in order; the worker runs them in this order
+    Channel channel;                 // frames too large for the rings
+    sys::SharedMapping memory_anon;  // fork: shared anonymous memory
+    sys::FileMapping memory_file;    // forkserver, spawn: a memfd passed to the worker
+    WorkerShared* shared = nullptr;  // its progress and flags, at the start of that memory
+    FrameRing requests;              // the parent produces
+    FrameRing results;               // the parent consumes
+    std::deque<InFlight> inflight;   // sent, in order; the worker runs them in this order
     std::size_t inflight_bytes = 0;
     std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
     std::chrono::steady_clock::time_point last_result{};
@@ -302,10 +501,10 @@ struct PoolCore::Impl {
     bool cancel_killed = false;  // killed because the call of the task it ran was cancelled
     bool retiring = false;       // said it will exit (max_memory_per_child) or was told to (idle)
     std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
-    bool channel_open = true;  // false after EOF or a protocol error: only the pidfd matters now
+    bool channel_open = true;  // false after a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
 
-    Progress* progress() const { return progress_ptr; }
+    Progress* progress() const { return &shared->progress; }
     std::size_t depth() const { return quick ? kMaxDepth : 1; }
   };
 
@@ -319,19 +518,68 @@ struct PoolCore::Impl {
   std::chrono::nanoseconds idle_timeout{0};
   std::size_t max_payload = 0;
   std::chrono::nanoseconds task_timeout{0};
-  // Owns the eventfd that wakes the supervisor; shared with the jobs (through weak_ptr), so that a
-  // cancel() racing with the pool's end writes to a descriptor that still exists.
-  struct Waker final : JobListener {
+  // What outlives the pool's state for as long as a job or a waiting thread may reach it: the
+  // eventfd that wakes the supervisor (workers ring it too, as their doorbell), the lock over the
+  // supervisor's state (so that a waiting thread can fetch results and dispatch work itself), and
+  // the block shared with every worker.
+  struct Hub final : JobListener {
     sys::UniqueFd fd = sys::event_fd();
-    void job_cancelled() noexcept override {
+    sys::UniqueFd shared_fd = sys::memfd("multiproc-pool", kPoolSharedBytes);
+    sys::FileMapping shared_map{shared_fd.get(), kPoolSharedBytes};
+    PoolShared* shared = new (shared_map.data()) PoolShared;
+    std::mutex state;      // the workers, their rings and dispatching
+    Impl* impl = nullptr;  // under `state`; null once the supervisor has ended
+
+    void job_cancelled() noexcept override { signal(); }
+    void signal() noexcept {
       try {
         sys::event_signal(fd.get());
       } catch (...) {
       }
     }
+    // Under `state`: fetch results, send queued work.
+    void pump_locked() noexcept {
+      if (!impl) return;
+      try {
+        impl->pump(false);
+      } catch (...) {
+        signal();  // let the supervisor deal with it
+      }
+    }
+    void help_wait(bool (*ready)(void*), void* context) noexcept override {
+      shared->parent_spinners.fetch_add(1, std::memory_order_seq_cst);
+      if (!shared->try_start_spin()) {
+        shared->parent_spinners.fetch_sub(1, std::memory_order_seq_cst);
+        take_missed_results();
+        return;
+      }
+      const auto until = std::chrono::steady_clock::now() + kParentSpin;
+      for (unsigned n = 0;; ++n) {
+        if (state.try_lock()) {
+          pump_locked();
+          state.unlock();
+        }
+        if (ready(context)) break;
+        if ((n & 15) == 0 && std::chrono::steady_clock::now() >= until) break;
+        for (int i = 0; i < 8; ++i) cpu_relax();
+      }
+      shared->parent_spinners.fetch_sub(1, std::memory_order_seq_cst);
+      shared->end_spin();
+      take_missed_results();
+    }
+    // Results published while this thread counted as spinning rang no doorbell: fetch them now, or
+    // have the supervisor do it.
+    void take_missed_results() noexcept {
+      if (state.try_lock()) {
+        pump_locked();
+        state.unlock();
+      } else {
+        signal();
+      }
+    }
   };
-  std::shared_ptr<Waker> waker = std::make_shared<Waker>();
-  const sys::UniqueFd& wakeup = waker->fd;
+  std::shared_ptr<Hub> hub = std::make_shared<Hub>();
+  const sys::UniqueFd& wakeup = hub->fd;
 
   // Shared with user threads, under `mutex`.
   mutable std::mutex mutex;
@@ -347,6 +595,7 @@ struct PoolCore::Impl {
   std::uint64_t next_seq = 1;
   int startup_deaths = 0;  // workers that died before their initializer returned, in a row
   Writer scratch;
+  bool sent_timed = false;  // a chunk with a time limit was sent since the supervisor set its timers
 
   explicit Impl(const PoolOptions& o) {
     if (o.processes && *o.processes < 1) {
@@ -368,6 +617,7 @@ struct PoolCore::Impl {
     max_memory = o.max_memory_per_child;
     if (o.idle_timeout.count() < 0) throw InvalidArgument("Pool: idle_timeout must not be negative");
     idle_timeout = o.idle_timeout;
+    hub->shared->cpus = static_cast<std::uint32_t>(cpu_count());
     std::promise<void> started;
     auto ready = started.get_future();
     supervisor = std::thread([this, &started] { run(started); });
@@ -394,7 +644,7 @@ struct PoolCore::Impl {
     const Job* listened = nullptr;
     for (auto& c : chunks) {
       if (c.job.get() != listened) {  // the chunks of one call share one job
-        c.job->set_listener(waker);
+        c.job->set_listener(hub);
         listened = c.job.get();
       }
       if (c.request.size() - sizeof(FrameHeader) > max_payload) {
@@ -426,6 +676,9 @@ struct PoolCore::Impl {
     struct Ended {
       ~Ended() { library_thread_ended(); }
     } ended;
+    // The supervisor holds the state lock except while it sleeps in poll(2).
+    std::unique_lock state(hub->state);
+    hub->impl = this;
     try {
       workers.resize(static_cast<std::size_t>(processes));
       // Children started by exec answer their handshake in parallel: start them all, then wait.
@@ -437,11 +690,12 @@ struct PoolCore::Impl {
     } catch (...) {
       kill_all();
       reap_all();
+      hub->impl = nullptr;
       started.set_exception(std::current_exception());
       return;
     }
     try {
-      loop();
+      loop(state);
     } catch (const std::exception& e) {
       // A failure of the supervisor itself (poll failing, out of memory): no task may hang, so
       // everything still outstanding fails.
@@ -455,6 +709,7 @@ struct PoolCore::Impl {
     kill_all();
     reap_all();
     cancel_everything("the pool was terminated before the task finished");
+    hub->impl = nullptr;
   }
 
   // Starts a worker into `w`. Under forkserver and spawn, waits for its handshake when
@@ -464,10 +719,24 @@ struct PoolCore::Impl {
     sys::UniqueFd& parent_end = ends.first;
     sys::UniqueFd& child_end = ends.second;
     w = Worker{};
+    // The worker's block and rings: it reads requests from one and writes results to the other.
+    std::byte* memory = nullptr;
+    sys::UniqueFd memory_fd;
     if (method == StartMethod::fork) {
-      sys::SharedMapping page(4096);
-      auto* progress = new (page.data()) Progress;
-      const int keep[] = {child_end.get()};
+      w.memory_anon = sys::SharedMapping(kWorkerSharedBytes);
+      memory = static_cast<std::byte*>(w.memory_anon.data());
+    } else {
+      memory_fd = sys::memfd("multiproc-worker", kWorkerSharedBytes);
+      w.memory_file = sys::FileMapping(memory_fd.get(), kWorkerSharedBytes);
+      memory = w.memory_file.data();
+    }
+    w.shared = new (memory) WorkerShared;
+    FrameRing::format(memory + kRequestRingOffset);
+    FrameRing::format(memory + kResultRingOffset);
+    w.requests = FrameRing(memory + kRequestRingOffset, kRingCapacity, max_payload);
+    w.results = FrameRing(memory + kResultRingOffset, kRingCapacity, max_payload);
+    if (method == StartMethod::fork) {
+      const int keep[] = {child_end.get(), wakeup.get()};
       WorkerConfig config{sys::current_pid(), {}, max_tasks, max_payload, true, max_memory};
       if (initializer) {
         config.initialize = [this](Writer& failure) {
@@ -484,26 +753,23 @@ struct PoolCore::Impl {
       fo.keep_fds = keep;
       fo.clear_signal_mask = true;  // the supervisor blocks every signal; a worker must not
       check_fork_safety();
-      const pid_t pid = sys::fork_process(
-          fo, [&] { worker_main(Channel(sys::UniqueFd(child_end.release()), max_payload), progress, config); });
+      PoolShared* pool_shared = hub->shared;
+      const int bell = wakeup.get();
+      const pid_t pid = sys::fork_process(fo, [&] {
+        WorkerLink link(Channel(sys::UniqueFd(child_end.release()), max_payload), memory, pool_shared, bell, config);
+        worker_main(link, config);
+      });
       try {
         w.child = Child(pid, sys::pidfd_open(pid));
       } catch (...) {
         sys::kill_and_reap(pid);
         throw;
       }
-      w.progress_page = std::move(page);
-      w.progress_ptr = progress;
     } else {
-      sys::UniqueFd page_fd = sys::memfd("multiproc-progress", 4096);
-      sys::FileMapping page(page_fd.get(), 4096);
-      auto* progress = new (page.data()) Progress;
-      const int fds[] = {child_end.get(), page_fd.get()};
+      const int fds[] = {child_end.get(), memory_fd.get(), hub->shared_fd.get(), wakeup.get()};
       w.child = launch(method, fds);
       child_end.reset();
-      page_fd.reset();
-      w.progress_file = std::move(page);
-      w.progress_ptr = progress;
+      memory_fd.reset();
     }
     w.pid = w.child.pid();
     w.channel = Channel(std::move(parent_end), max_payload);
@@ -536,7 +802,32 @@ struct PoolCore::Impl {
     pids.push_back(w.pid);
   }
 
-  void loop() {
+  // Under the state lock: takes every result the workers have published, then sends queued work
+  // to free workers. The supervisor runs it on every wake-up, and a thread waiting for results
+  // runs it while it spins. `by_supervisor` is false for the latter, which then wakes the
+  // supervisor when what it did changes the supervisor's timers.
+  void pump(bool by_supervisor) {
+    bool took = false;
+    for (auto& w : workers) {
+      if (w.pid != 0 && w.channel_open && w.results.readable()) {
+        read_from(w);
+        took = true;
+      }
+    }
+    dispatch();
+    if (by_supervisor) {
+      sent_timed = false;
+      return;
+    }
+    bool look = std::exchange(sent_timed, false);
+    if (took) {
+      std::lock_guard lock(mutex);
+      look = look || closing || idle_timeout.count() > 0;
+    }
+    if (look) wake();
+  }
+
+  void loop(std::unique_lock<std::mutex>& state) {
     std::vector<pollfd> fds;
     for (;;) {
       bool closing_now;
@@ -545,7 +836,7 @@ struct PoolCore::Impl {
         if (terminating) return;
         closing_now = closing;
       }
-      dispatch();
+      pump(true);
       if (closing_now && idle_and_drained()) {
         shut_down_gracefully();
         return;
@@ -556,7 +847,6 @@ struct PoolCore::Impl {
       fds.push_back({wakeup.get(), POLLIN, 0});
       for (auto& w : workers) {
         if (w.pid == 0) continue;
-        fds.push_back({w.channel_open ? w.channel.fd() : -1, POLLIN, 0});
         fds.push_back({w.child.watch_fd(), POLLIN, 0});
         if (w.child.watch_fd() < 0) need_timeout = true;
       }
@@ -566,14 +856,16 @@ struct PoolCore::Impl {
         const auto bounded = std::max(left, std::chrono::milliseconds(0));
         if (wait.count() < 0 || bounded < wait) wait = bounded;
       }
+      sent_timed = false;
+      state.unlock();
       sys::poll_fds(fds.data(), fds.size(), wait);
+      state.lock();
       if (fds[0].revents) sys::event_drain(wakeup.get());
+      pump(true);
       std::size_t k = 1;
       for (auto& w : workers) {
         if (w.pid == 0) continue;
-        const short chan = fds[k++].revents;
         const short died = fds[k++].revents;
-        if (chan && w.channel_open) read_from(w);
         if (died || w.child.watch_fd() < 0) check_exit(w);
       }
       kill_overdue_workers();
@@ -620,9 +912,24 @@ struct PoolCore::Impl {
       if (!idle_expired(w, now) || queued_chunks() > 0) continue;
       w.retiring = true;
       w.writable = false;
-      w.channel_open = false;
-      w.channel.handle().reset();
+      tell_to_leave(w);
     }
+  }
+
+  // Asks an idle worker to exit: a quit frame in its ring, and EOF on its socket.
+  void tell_to_leave(Worker& w) {
+    try {
+      Writer quit;
+      Channel::begin_frame(quit);
+      if (w.requests.try_send(FrameTag::quit, 0, quit)) {
+        w.requests.wake_consumer();
+      } else {
+        sys::send_signal(w.pid, SIGKILL, true);
+      }
+    } catch (const std::exception&) {
+      sys::send_signal(w.pid, SIGKILL, true);
+    }
+    w.channel.handle().reset();
   }
 
   // The earliest of the next task deadline and the next idle expiry; soon, while a worker holds a
@@ -738,6 +1045,7 @@ struct PoolCore::Impl {
 
   // Fills the workers round by round: every free worker gets a chunk before any gets a second.
   void dispatch() {
+    if (queued_chunks() == 0) return;
     for (std::size_t round = 1; round <= kMaxDepth; ++round) {
       bool queue_empty = false;
       for (auto& w : workers) {
@@ -769,9 +1077,29 @@ struct PoolCore::Impl {
     ++w.chunks_sent;
     if (w.inflight.empty()) w.last_result = std::chrono::steady_clock::now();
     w.inflight_bytes += chunk.request.size();
+    const bool timed = limit_of(chunk).count() > 0;
+    if (timed) sent_timed = true;
+    const std::uint16_t flags = timed ? kFrameTimed : 0;
     w.inflight.push_back(InFlight{std::move(chunk), seq});
+    Writer& request = w.inflight.back().chunk.request;
     try {
-      w.channel.send(FrameTag::task, seq, w.inflight.back().chunk.request);
+      // Pipelining keeps what is queued to a worker far below the ring's capacity, and a chunk
+      // goes to a worker with nothing queued otherwise, so a frame that fits the ring finds room.
+      const std::size_t length = request.size() - sizeof(FrameHeader);
+      if (w.requests.could_fit(length)) {
+        if (!w.requests.try_send(FrameTag::task, seq, request, flags))
+          throw ProtocolError("a worker's request ring is full");
+        w.requests.wake_consumer();
+      } else {
+        // Too large for the ring: announce it there, then send it over the socket, which the
+        // worker reads as soon as it sees the announcement (it has nothing else queued).
+        Writer marker;
+        Channel::begin_frame(marker);
+        if (!w.requests.try_send(FrameTag::on_socket, seq, marker))
+          throw ProtocolError("a worker's request ring is full");
+        w.requests.wake_consumer();
+        w.channel.send(FrameTag::task, seq, request, flags);
+      }
     } catch (const std::exception&) {
       // The worker is gone (EPIPE: it exited, after max_tasks_per_child or a crash) or unreachable.
       // What it sent before is still read; its pidfd tells the rest.
@@ -780,21 +1108,37 @@ struct PoolCore::Impl {
     }
   }
 
-  // Reads one frame, then every other whole frame that came in the same read.
+  // Takes every frame the worker has published.
   void read_from(Worker& w) {
-    do {
-      read_one(w);
-    } while (w.channel_open && w.channel.has_buffered_frame());
-  }
-
-  void read_one(Worker& w) {
     FrameHeader h{};
     Writer payload;
-    try {
-      if (!w.channel.recv(h, payload)) {
-        w.channel_open = false;  // EOF: the worker is exiting; its pidfd says how
+    while (w.channel_open) {
+      try {
+        if (!w.results.try_recv(h, payload)) return;
+        if (h.tag == static_cast<std::uint16_t>(FrameTag::on_socket)) {
+          const std::uint64_t id = h.id;
+          if (!w.channel.recv(h, payload) || h.id != id)
+            throw ProtocolError("a frame announced in the ring did not come");
+        }
+      } catch (const std::exception& e) {
+        protocol_error(w, e);
         return;
       }
+      handle_frame(w, h, payload);
+      payload = Writer{};
+    }
+  }
+
+  // A worker that breaks the protocol cannot be trusted with more work: kill it; its chunk is then
+  // handled as a crash.
+  void protocol_error(Worker& w, const std::exception& e) {
+    report_error((std::string("worker ") + std::to_string(w.pid) + ": " + e.what()).c_str());
+    w.channel_open = false;
+    sys::send_signal(w.pid, SIGKILL, true);
+  }
+
+  void handle_frame(Worker& w, const FrameHeader& h, Writer& payload) {
+    try {
       if (h.tag == static_cast<std::uint16_t>(FrameTag::init_failed)) {
         initializer_failed(w, payload);
         return;
@@ -808,6 +1152,7 @@ struct PoolCore::Impl {
         throw ProtocolError("a worker answered a task it was not given");
       }
       const auto tag = static_cast<FrameTag>(h.tag);
+      if (tag != FrameTag::result && tag != FrameTag::fault) throw ProtocolError("unexpected frame from a worker");
       Chunk chunk = std::move(w.inflight.front().chunk);
       w.inflight.pop_front();
       w.inflight_bytes -= chunk.request.size();
@@ -815,25 +1160,18 @@ struct PoolCore::Impl {
       if (w.inflight.empty()) w.idle_since = now;
       w.quick = now - w.last_result < kShortChunk;
       w.last_result = now;
+      if (chunk.job->abandoned()) return;
       if (tag == FrameTag::result) {
-        if (!chunk.job->abandoned()) {
-          Piece p;
-          p.first = chunk.first;
-          p.count = chunk.count;
-          p.bytes = std::move(payload);
-          chunk.job->deliver(std::move(p));
-        }
-      } else if (tag == FrameTag::fault) {
-        if (!chunk.job->abandoned()) chunk.job->deliver(repeated_outcome(chunk.first, chunk.count, payload.bytes()));
+        Piece p;
+        p.first = chunk.first;
+        p.count = chunk.count;
+        p.bytes = std::move(payload);
+        chunk.job->deliver(std::move(p));
       } else {
-        throw ProtocolError("unexpected frame from a worker");
+        chunk.job->deliver(repeated_outcome(chunk.first, chunk.count, payload.bytes()));
       }
     } catch (const std::exception& e) {
-      // A worker that breaks the protocol cannot be trusted with more work: kill it; its chunk
-      // is then handled as a crash.
-      report_error((std::string("worker ") + std::to_string(w.pid) + ": " + e.what()).c_str());
-      w.channel_open = false;
-      sys::send_signal(w.pid, SIGKILL, true);
+      protocol_error(w, e);
     }
   }
 
@@ -881,12 +1219,12 @@ struct PoolCore::Impl {
       ended = ExitStatus::from_siginfo(CLD_KILLED, SIGKILL);
     }
     if (!ended) return;
-    // Results written just before the exit are still in the socket: take them first.
-    while (w.channel_open) {
-      pollfd p{w.channel.fd(), POLLIN, 0};
-      if (sys::poll_fds(&p, 1, std::chrono::milliseconds(0)) == 0) break;
-      read_from(w);
-    }
+    // Results published just before the exit are still in the ring: take them first.
+    read_from(w);
+    // A worker that died busy or spinning is still counted so: take it out of the counts.
+    if (w.shared->busy.load(std::memory_order_relaxed) != 0)
+      hub->shared->active.fetch_sub(1, std::memory_order_relaxed);
+    if (w.shared->spinning.load(std::memory_order_relaxed) != 0) hub->shared->end_spin();
     const ExitStatus status = *ended;
     if (w.progress()->initialized.load(std::memory_order_relaxed) == 0) {
       // Died in its initializer (or before): if that happens again and again, stop, instead of
@@ -969,9 +1307,8 @@ struct PoolCore::Impl {
   }
 
   void shut_down_gracefully() {
-    // EOF on its channel tells each worker to exit.
     for (auto& w : workers) {
-      if (w.pid) w.channel.handle().reset();
+      if (w.pid) tell_to_leave(w);
     }
     for (auto& w : workers) {
       if (!w.pid) continue;

@@ -36,6 +36,13 @@ struct Piece {
 class JobListener {
  public:
   virtual void job_cancelled() noexcept = 0;
+  /// Called by a thread about to sleep until `ready(context)`: the pool may have it fetch results
+  /// itself for a short while (spinning while a core is free) instead. Returns when ready() holds
+  /// or the pool would rather the thread slept; the caller then sleeps as usual.
+  virtual void help_wait(bool (*ready)(void*), void* context) noexcept {
+    (void)ready;
+    (void)context;
+  }
 
  protected:
   ~JobListener() = default;
@@ -76,8 +83,13 @@ class Job {
   std::chrono::nanoseconds timeout{0};
 
  private:
+  // Lets the pool fetch results in the waiting thread before it sleeps (see JobListener).
+  template <class Pred>
+  void help_until(Pred&& pred);
+
   std::mutex mutex_;
   std::condition_variable cv_;
+  std::atomic<std::uint64_t> changes_{0};  // counts deliveries and cancels: spinning waiters watch it
   std::map<std::uint64_t, Piece> pieces_;
   std::uint64_t items_done_ = 0;
   std::atomic<bool> abandoned_{false};
