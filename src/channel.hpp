@@ -41,6 +41,8 @@ inline constexpr std::uint32_t kFrameMagic = 0x3146504D;  // "MPF1"
 /// In a task frame's reserved field: the chunk has a time limit, so the worker stamps the start of
 /// each item (a clock read per item, which untimed chunks do without).
 inline constexpr std::uint16_t kFrameTimed = 1;
+/// In a task frame's reserved field: one result frame per item (a batch of one-item tasks).
+inline constexpr std::uint16_t kFrameEach = 2;
 
 class Channel {
  public:

@@ -162,6 +162,7 @@ Chunk sub_chunk(const Chunk& c, std::uint32_t from, std::uint32_t to) {
   Chunk out;
   out.job = c.job;
   out.first = c.first + from;
+  out.answer_each = c.answer_each;
   const std::byte* base = c.request.data();
   const std::size_t callable_end = c.item_offsets.empty() ? c.items_end : c.item_offsets[0];
   out.request.write_bytes(base, callable_end);  // header room, id, count, callable
@@ -213,6 +214,9 @@ struct PoolShared {
   alignas(64) std::atomic<std::uint32_t> active{0};           // workers running a chunk
   std::atomic<std::uint32_t> spinners{0};                     // parent threads and workers spinning
   alignas(64) std::atomic<std::uint32_t> parent_spinners{0};  // parent threads spinning for results
+  // Set by the worker that rings the supervisor's doorbell, cleared by the supervisor before it
+  // takes results: one system call per wake-up of the supervisor, not one per result.
+  std::atomic<std::uint32_t> bell_rung{0};
   std::uint32_t cpus = 1;
 
   // Counts the caller in as a spinner if that leaves no process waiting for a core. Unless one
@@ -285,6 +289,7 @@ struct WorkerLink {
   // will see this one; it rings the doorbell itself if it stops before).
   void ring_doorbell() const noexcept {
     if (pool->parent_spinners.load(std::memory_order_seq_cst) != 0) return;
+    if (pool->bell_rung.exchange(1, std::memory_order_seq_cst) != 0) return;  // not taken yet
     try {
       sys::event_signal(doorbell);
     } catch (...) {
@@ -380,7 +385,20 @@ struct WorkerLink {
       link.pool->active.fetch_add(1, std::memory_order_relaxed);
       link.shared->busy.store(1, std::memory_order_relaxed);
       // Items are stamped only where the parent set a time limit.
-      const TaskContext ctx{progress, config.timed && (h.reserved & kFrameTimed) != 0};
+      TaskContext ctx{progress, config.timed && (h.reserved & kFrameTimed) != 0};
+      const bool each = (h.reserved & kFrameEach) != 0;
+      struct Sink {
+        WorkerLink* link;
+        std::uint64_t id;
+      } sink{&link, h.id};
+      if (each) {
+        ctx.sink = &sink;
+        ctx.item_done = [](void* p, Writer& reply) {
+          auto& k = *static_cast<Sink*>(p);
+          k.link->send(FrameTag::result, k.id, reply);
+          Channel::begin_frame(reply);
+        };
+      }
       // Stamp first, publish the chunk last: the parent never pairs this chunk with a stale time.
       if (config.timed) {
         progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
@@ -401,18 +419,21 @@ struct WorkerLink {
       }
       link.shared->busy.store(0, std::memory_order_relaxed);
       link.pool->active.fetch_sub(1, std::memory_order_relaxed);
-      const std::size_t length = out.size() - sizeof(FrameHeader);
-      if (length > config.max_payload) {
-        Channel::begin_frame(out);
-        try {
-          throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
-                              std::to_string(config.max_payload) + " bytes");
-        } catch (...) {
-          encode_current_exception(out);
+      // A batch is answered item by item; the failure of its rest, if any, comes as a fault.
+      if (!each || reply != FrameTag::result) {
+        const std::size_t length = out.size() - sizeof(FrameHeader);
+        if (length > config.max_payload) {
+          Channel::begin_frame(out);
+          try {
+            throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
+                                std::to_string(config.max_payload) + " bytes");
+          } catch (...) {
+            encode_current_exception(out);
+          }
+          reply = FrameTag::fault;
         }
-        reply = FrameTag::fault;
+        link.send(reply, h.id, out);
       }
-      link.send(reply, h.id, out);
       if (config.max_tasks && ++done >= config.max_tasks) break;
       if (config.max_memory && sys::resident_bytes() > config.max_memory) {
         // Tell the parent first: chunks it already sent go to another worker, not to a crash.
@@ -477,12 +498,20 @@ void run_pool_worker_role(Channel& channel, Reader& boot, std::vector<sys::Uniqu
 constexpr std::size_t kMaxDepth = 4;
 constexpr std::size_t kPipelineBytes = 32 * 1024;
 constexpr auto kShortChunk = std::chrono::microseconds(500);
+constexpr std::chrono::nanoseconds kBatchTime = std::chrono::microseconds(20);
+constexpr std::size_t kBatchBytes = 8 * 1024;
 
 struct PoolCore::Impl {
   struct InFlight {
     Chunk chunk;
     std::uint64_t seq;
+    std::uint32_t answered = 0;  // items of an answer_each chunk already answered
+    Piece batched;               // answers of this read not delivered yet (read_from)
   };
+  // What of a chunk sent to a worker still needs an outcome.
+  static Chunk rest_of(InFlight& f) {
+    return f.answered == 0 ? std::move(f.chunk) : sub_chunk(f.chunk, f.answered, f.chunk.count);
+  }
   struct Worker {
     pid_t pid = 0;
     Child child;
@@ -496,10 +525,11 @@ struct PoolCore::Impl {
     std::size_t inflight_bytes = 0;
     std::size_t chunks_sent = 0;  // with max_tasks_per_child, no chunk is sent that it won't run
     std::chrono::steady_clock::time_point last_result{};
-    bool quick = false;          // its last chunk took less than kShortChunk: pipeline to it
-    bool timed_out = false;      // killed for running past task_timeout: its item fails with TaskTimeout
-    bool cancel_killed = false;  // killed because the call of the task it ran was cancelled
-    bool retiring = false;       // said it will exit (max_memory_per_child) or was told to (idle)
+    bool quick = false;                     // its last chunk took less than kShortChunk: pipeline to it
+    std::chrono::nanoseconds item_time{0};  // per item, measured on its last chunk (batching)
+    bool timed_out = false;                 // killed for running past task_timeout: its item fails with TaskTimeout
+    bool cancel_killed = false;             // killed because the call of the task it ran was cancelled
+    bool retiring = false;                  // said it will exit (max_memory_per_child) or was told to (idle)
     std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
     bool channel_open = true;  // false after a protocol error: only the pidfd matters now
     bool writable = true;      // false once a send failed: results already sent may still be read
@@ -596,6 +626,7 @@ struct PoolCore::Impl {
   int startup_deaths = 0;  // workers that died before their initializer returned, in a row
   Writer scratch;
   bool sent_timed = false;  // a chunk with a time limit was sent since the supervisor set its timers
+  Writer frame;             // the frame being read from a worker
 
   explicit Impl(const PoolOptions& o) {
     if (o.processes && *o.processes < 1) {
@@ -861,6 +892,7 @@ struct PoolCore::Impl {
       sys::poll_fds(fds.data(), fds.size(), wait);
       state.lock();
       if (fds[0].revents) sys::event_drain(wakeup.get());
+      hub->shared->bell_rung.store(0, std::memory_order_seq_cst);  // before taking the results
       pump(true);
       std::size_t k = 1;
       for (auto& w : workers) {
@@ -1065,10 +1097,36 @@ struct PoolCore::Impl {
           if (!w.inflight.empty() && w.inflight_bytes + bytes > kPipelineBytes) continue;
           next.emplace(std::move(queue.front()));
           queue.pop_front();
+          merge_following(w, *next);
         }
         send_chunk(w, std::move(*next));
       }
       if (queue_empty) return;
+    }
+  }
+
+  // Batching of small tasks: a worker whose items take a few microseconds gets the queued chunks
+  // that continue this one's call merged into one frame, as many as fit in about kBatchTime of its
+  // measured time per item (and kBatchBytes). A crash or a time limit still fails only the item
+  // concerned; with max_tasks_per_child, chunks are counted as sent, so none are merged. Under
+  // `mutex`.
+  void merge_following(const Worker& w, Chunk& chunk) {
+    if (max_tasks || w.item_time.count() <= 0 || !w.quick || chunk.count != 1) return;
+    const auto budget = static_cast<std::size_t>(std::max<std::int64_t>(kBatchTime / w.item_time, 1));
+    while (chunk.count < budget && !queue.empty()) {
+      Chunk& next = queue.front();
+      if (next.job != chunk.job || next.first != chunk.first + chunk.count || next.count != 1 ||
+          chunk.request.size() + next.request.size() > kBatchBytes) {
+        return;
+      }
+      const std::size_t callable_end = next.item_offsets.empty() ? next.items_end : next.item_offsets[0];
+      const std::size_t shift = chunk.request.size() - callable_end;
+      for (const std::size_t offset : next.item_offsets) chunk.item_offsets.push_back(offset + shift);
+      chunk.request.write_bytes(next.request.data() + callable_end, next.items_end - callable_end);
+      chunk.count += next.count;
+      chunk.answer_each = true;
+      finish_chunk(chunk);
+      queue.pop_front();
     }
   }
 
@@ -1079,8 +1137,8 @@ struct PoolCore::Impl {
     w.inflight_bytes += chunk.request.size();
     const bool timed = limit_of(chunk).count() > 0;
     if (timed) sent_timed = true;
-    const std::uint16_t flags = timed ? kFrameTimed : 0;
-    w.inflight.push_back(InFlight{std::move(chunk), seq});
+    const auto flags = static_cast<std::uint16_t>((timed ? kFrameTimed : 0) | (chunk.answer_each ? kFrameEach : 0));
+    w.inflight.push_back(InFlight{std::move(chunk), seq, 0, Piece{}});
     Writer& request = w.inflight.back().chunk.request;
     try {
       // Pipelining keeps what is queued to a worker far below the ring's capacity, and a chunk
@@ -1108,25 +1166,32 @@ struct PoolCore::Impl {
     }
   }
 
-  // Takes every frame the worker has published.
+  // Takes every frame the worker has published. The answers to a batch's items that came in this
+  // read are delivered together, as one piece.
   void read_from(Worker& w) {
     FrameHeader h{};
-    Writer payload;
     while (w.channel_open) {
       try {
-        if (!w.results.try_recv(h, payload)) return;
+        if (!w.results.try_recv(h, frame)) break;
         if (h.tag == static_cast<std::uint16_t>(FrameTag::on_socket)) {
           const std::uint64_t id = h.id;
-          if (!w.channel.recv(h, payload) || h.id != id)
+          if (!w.channel.recv(h, frame) || h.id != id)
             throw ProtocolError("a frame announced in the ring did not come");
         }
       } catch (const std::exception& e) {
         protocol_error(w, e);
-        return;
+        break;
       }
-      handle_frame(w, h, payload);
-      payload = Writer{};
+      handle_frame(w, h, frame);
     }
+    if (!w.inflight.empty()) deliver_batched(w.inflight.front());
+  }
+
+  static void deliver_batched(InFlight& f) {
+    if (f.batched.count == 0) return;
+    Piece p = std::move(f.batched);
+    f.batched = Piece{};
+    f.chunk.job->deliver(std::move(p));
   }
 
   // A worker that breaks the protocol cannot be trusted with more work: kill it; its chunk is then
@@ -1153,22 +1218,39 @@ struct PoolCore::Impl {
       }
       const auto tag = static_cast<FrameTag>(h.tag);
       if (tag != FrameTag::result && tag != FrameTag::fault) throw ProtocolError("unexpected frame from a worker");
-      Chunk chunk = std::move(w.inflight.front().chunk);
+      InFlight& front = w.inflight.front();
+      if (front.chunk.answer_each && tag == FrameTag::result) {
+        // One item of a batch: kept with the others of this read, delivered by read_from().
+        if (!front.chunk.job->abandoned()) {
+          if (front.batched.count == 0) front.batched.first = front.chunk.first + front.answered;
+          front.batched.bytes.write_bytes(payload.data(), payload.size());
+          ++front.batched.count;
+        }
+        if (++front.answered < front.chunk.count) return;
+      }
+      deliver_batched(front);
+      const std::uint32_t answered = front.answered;
+      Chunk chunk = std::move(front.chunk);
       w.inflight.pop_front();
       w.inflight_bytes -= chunk.request.size();
       const auto now = std::chrono::steady_clock::now();
       if (w.inflight.empty()) w.idle_since = now;
-      w.quick = now - w.last_result < kShortChunk;
+      const auto took = now - w.last_result;
+      w.quick = took < kShortChunk;
+      // Time per item, from a worker that had this chunk queued behind the previous one (or was
+      // sent it while idle): what batching sizes its merges by.
+      w.item_time =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(took) / std::max<std::uint32_t>(chunk.count, 1);
       w.last_result = now;
-      if (chunk.job->abandoned()) return;
+      if (chunk.job->abandoned() || answered == chunk.count) return;
       if (tag == FrameTag::result) {
         Piece p;
-        p.first = chunk.first;
-        p.count = chunk.count;
+        p.first = chunk.first + answered;
+        p.count = chunk.count - answered;
         p.bytes = std::move(payload);
         chunk.job->deliver(std::move(p));
       } else {
-        chunk.job->deliver(repeated_outcome(chunk.first, chunk.count, payload.bytes()));
+        chunk.job->deliver(repeated_outcome(chunk.first + answered, chunk.count - answered, payload.bytes()));
       }
     } catch (const std::exception& e) {
       protocol_error(w, e);
@@ -1196,7 +1278,7 @@ struct PoolCore::Impl {
   }
 
   void fail_inflight(Worker& w, PoolErrorKind kind, const std::string& why) {
-    for (auto& f : w.inflight) fail_chunk(f.chunk, kind, why);
+    for (auto& f : w.inflight) fail_chunk(rest_of(f), kind, why);
     w.inflight.clear();
     w.inflight_bytes = 0;
   }
@@ -1241,7 +1323,7 @@ struct PoolCore::Impl {
       // It left on purpose: what it had not started goes back to the front of the queue, in order.
       std::lock_guard lock(mutex);
       for (auto it = w.inflight.rbegin(); it != w.inflight.rend(); ++it) {
-        if (!it->chunk.job->abandoned()) queue.push_front(std::move(it->chunk));
+        if (!it->chunk.job->abandoned()) queue.push_front(rest_of(*it));
       }
       w.inflight.clear();
     } else if (!w.inflight.empty()) {
@@ -1280,12 +1362,14 @@ struct PoolCore::Impl {
     std::uint32_t at = w.progress()->item.load(std::memory_order_relaxed);
     std::vector<Chunk> requeue;
     for (auto& f : w.inflight) {
-      Chunk& chunk = f.chunk;
-      if (chunk.job->abandoned()) continue;
+      if (f.chunk.job->abandoned()) continue;
       if (f.seq != running) {
-        requeue.push_back(std::move(chunk));
+        requeue.push_back(rest_of(f));
         continue;
       }
+      // Items of a batch already answered keep their outcomes; the crash is the next one's.
+      Chunk chunk = rest_of(f);
+      at = at >= f.answered ? at - f.answered : 0;
       if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
       Writer one;
       if (w.timed_out) {
@@ -1340,7 +1424,7 @@ struct PoolCore::Impl {
       } catch (...) {
       }
       for (auto& f : w.inflight)
-        fail_chunk(f.chunk, PoolErrorKind::cancelled, "the pool was terminated before the task finished");
+        fail_chunk(rest_of(f), PoolErrorKind::cancelled, "the pool was terminated before the task finished");
       w = Worker{};
     }
     std::lock_guard lock(mutex);

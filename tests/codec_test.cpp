@@ -826,3 +826,19 @@ TEST(CodecTest, RandomMutationsDecodeOrThrowSerializationError) {
 }
 
 }  // namespace
+
+TEST(Writer, MovedFromWriterIsEmptyAndWritableAgain) {
+  multiproc::Writer a;
+  a.write_value(std::uint64_t{42});
+  multiproc::Writer b(std::move(a));
+  EXPECT_EQ(b.size(), sizeof(std::uint64_t));
+  EXPECT_EQ(a.size(), 0u);  // NOLINT(bugprone-use-after-move): the documented moved-from state
+  a.write_value(std::uint32_t{7});
+  EXPECT_EQ(a.size(), sizeof(std::uint32_t));
+  multiproc::Writer c;
+  c = std::move(b);
+  EXPECT_EQ(b.size(), 0u);  // NOLINT(bugprone-use-after-move)
+  b.write_bytes("xyz", 3);
+  EXPECT_EQ(b.size(), 3u);
+  EXPECT_EQ(c.size(), sizeof(std::uint64_t));
+}

@@ -72,8 +72,17 @@ class Writer {
  public:
   Writer() = default;
   explicit Writer(std::size_t capacity) { reserve(capacity); }
-  Writer(Writer&&) noexcept = default;
-  Writer& operator=(Writer&&) noexcept = default;
+  /// A moved-from Writer is empty and can be written to again.
+  Writer(Writer&& o) noexcept
+      : data_(std::move(o.data_)), size_(std::exchange(o.size_, 0)), capacity_(std::exchange(o.capacity_, 0)) {}
+  Writer& operator=(Writer&& o) noexcept {
+    if (this != &o) {
+      data_ = std::move(o.data_);
+      size_ = std::exchange(o.size_, 0);
+      capacity_ = std::exchange(o.capacity_, 0);
+    }
+    return *this;
+  }
 
   void write_bytes(const void* data, std::size_t n) {
     if (n == 0) return;

@@ -108,6 +108,8 @@ struct Chunk {
   /// chunk after a crash without decoding it.
   std::vector<std::size_t> item_offsets;
   std::size_t items_end = 0;
+  /// Merged from one-item chunks (batching): the worker answers each item on its own.
+  bool answer_each = false;
 };
 
 /// One outcome, repeated for `count` items starting at `first`.

@@ -43,6 +43,14 @@ struct Progress {
 struct TaskContext {
   Progress* progress = nullptr;
   bool timed = false;  // the pool has a task timeout: stamp each item's start
+  // When set, called after each item's outcome is written (a batch of one-item tasks: each is
+  // answered as soon as it is done, so that a crash never runs a finished task again). It sends
+  // what `reply` holds and leaves it ready for the next outcome.
+  void (*item_done)(void* sink, Writer& reply) = nullptr;
+  void* sink = nullptr;
+  void after_item(Writer& reply) const {
+    if (item_done) item_done(sink, reply);
+  }
   void at_item(std::uint32_t i) const noexcept {
     if (!progress) return;
     if (timed) {
@@ -207,6 +215,7 @@ struct Invoker {
         reply.truncate(mark);
         encode_current_exception(reply);
       }
+      ctx.after_item(reply);
     }
   }
   static const std::uint64_t id;
