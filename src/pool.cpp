@@ -2,16 +2,23 @@
 // a crash fail one task and nothing else.
 //
 // Threads and ownership. One supervisor thread per pool owns the workers: it forks them (so that
-// PR_SET_PDEATHSIG is tied to a thread that lives as long as the pool), sends each idle worker the
-// next chunk, reads results, and watches every worker's pidfd. User threads only touch the queue
-// (under `mutex`) and wake the supervisor through an eventfd.
+// PR_SET_PDEATHSIG is tied to a thread that lives as long as the pool), replaces them, enforces time
+// limits and watches every worker's pidfd. The workers, their rings and dispatching are under the
+// hub's state lock, which the supervisor holds except while it sleeps in poll(2); a user thread
+// that submits or waits takes it with try_lock and dispatches or takes results itself (pump()), so
+// a round trip needs no hop through the supervisor.
+//
+// Transport. Each worker has a request ring and a result ring in memory it shares with the parent
+// (ring.hpp); a frame too large for a ring goes over the worker's socket, announced in the ring.
+// Workers sleep on a futex, and ring the supervisor's eventfd after publishing a result unless a
+// parent thread spins for results. Nobody spins unless a core is free for it (PoolShared).
 //
 // Pipelining without deadlock. A worker whose chunks finish quickly is sent up to kMaxDepth chunks
 // ahead, so it never waits for a round trip through the parent; but only while the requests in
-// flight to it fit in kPipelineBytes, far below the socket's buffer. So the supervisor's write to a
-// worker either fits in the buffer or goes to a worker with nothing else to do, which is reading:
-// it never blocks on a worker that is itself blocked writing results the supervisor is not reading.
-// Slow chunks get no pipelining, so a free worker always takes the next one (load balancing).
+// flight to it fit in kPipelineBytes, far below the ring's capacity. So a send to a worker either
+// fits in its ring or goes to a worker with nothing else to do, which is reading: it never blocks on
+// a worker that is itself blocked writing results nobody is reading. Slow chunks get no pipelining,
+// so a free worker always takes the next one (load balancing).
 #include "multiproc/pool.hpp"
 
 #include <poll.h>
