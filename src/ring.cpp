@@ -25,6 +25,7 @@ void FrameRing::copy_in(std::uint32_t at, const std::byte* from, std::size_t n) 
 }
 
 void FrameRing::copy_out(std::uint32_t at, std::byte* to, std::size_t n) const noexcept {
+  if (n == 0) return;  // `to` may be null then
   const std::size_t offset = at & mask_;
   const std::size_t first = std::min(n, capacity_ - offset);
   std::memcpy(to, data_ + offset, first);
