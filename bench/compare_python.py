@@ -51,8 +51,9 @@ def python_figures(reps):
 
 
 def multiproc_figures(binary, reps):
+    # pool_bench has more figures (bench/compare_all.py runs them all): only the three compared here.
     cmd = [binary, f"--benchmark_repetitions={reps}", "--benchmark_report_aggregates_only=true",
-           "--benchmark_format=json"]
+           "--benchmark_format=json", "--benchmark_filter=^BM_(ApplyRoundTrip|Map1e6Ints|ImapChunksize1)/"]
     data = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     med = {b["run_name"].split("/")[0]: b for b in data["benchmarks"] if b.get("aggregate_name") == "median"}
     scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}

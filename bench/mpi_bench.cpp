@@ -27,9 +27,7 @@ std::uint64_t spin(std::uint64_t iterations) {
 
 int noop(int x) { return x; }
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // Iterations of spin() that take about `ms` milliseconds here.
 std::uint64_t calibrate(double ms) {

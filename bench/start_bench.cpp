@@ -24,7 +24,7 @@ void noop() {}
 int square(int x) { return x * x; }
 
 constexpr multiproc::StartMethod kMethods[] = {multiproc::StartMethod::fork, multiproc::StartMethod::forkserver,
-                                              multiproc::StartMethod::spawn};
+                                               multiproc::StartMethod::spawn};
 
 // The fork server is started once per program, as Python's is, and outside the timed loop: the
 // figures are the per-child cost of each method, not the server's own start-up.

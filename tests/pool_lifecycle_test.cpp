@@ -86,6 +86,36 @@ TEST(PoolArguments, RequestOverMaxMessageBytesFailsThatCallOnly) {
   EXPECT_EQ(pool.apply([](std::string s) { return s.size(); }, std::string(100, 'y')), 100u);
 }
 
+// An item whose encoding throws, far into a map: map() throws that error, the chunks already handed
+// to the workers are cancelled (their results go nowhere), and the pool goes on.
+struct Poisoned {
+  int v = 0;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    if (v < 0) throw std::runtime_error("cannot encode a poisoned item");
+    ar(v);
+  }
+};
+int unpoison(Poisoned p) { return p.v; }
+
+TEST(PoolArguments, EncodingFailureLateInAMapThrowsAndThePoolGoesOn) {
+  multiproc::Pool pool{{.processes = 2}};
+  std::vector<Poisoned> items(50000);
+  for (int i = 0; i < 50000; ++i) items[static_cast<std::size_t>(i)].v = i;
+  items.back().v = -1;
+  try {
+    (void)pool.map(unpoison, items, 100);
+    FAIL() << "no exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("poisoned"), std::string::npos) << e.what();
+  }
+  items.back().v = 7;
+  const auto out = pool.map(unpoison, items, 100);
+  ASSERT_EQ(out.size(), items.size());
+  EXPECT_EQ(out[1234], 1234);
+  EXPECT_EQ(out.back(), 7);
+}
+
 TEST(PoolArguments, ResultOverMaxMessageBytesFailsWithProtocolError) {
   // PoolOptions::max_message_bytes: "larger fails that call with ProtocolError".
   multiproc::Pool pool{{.processes = 1, .max_message_bytes = 1024}};
@@ -353,15 +383,15 @@ TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
   const auto workers = pool->worker_pids();
   // A forked child, explicitly: it is the inherited copy of the pool that is under test.
   multiproc::Process child{multiproc::ProcessOptions{.start_method = multiproc::StartMethod::fork}, [&pool] {
-    int code = 1;
-    try {
-      (void)pool->apply(pooltest::square, 3);
-    } catch (const multiproc::StateError&) {
-      code = 7;
-    }
-    pool.reset();  // the inherited copy's destructor
-    ::_exit(code);
-  }};
+                             int code = 1;
+                             try {
+                               (void)pool->apply(pooltest::square, 3);
+                             } catch (const multiproc::StateError&) {
+                               code = 7;
+                             }
+                             pool.reset();  // the inherited copy's destructor
+                             ::_exit(code);
+                           }};
   child.start();
   ASSERT_TRUE(child.join_for(std::chrono::seconds(10)));
   EXPECT_EQ(child.exit_status(), multiproc::ExitStatus::exited_with(7));

@@ -599,6 +599,9 @@ class Pool {
  private:
   detail::PoolCore& core() const;
 
+  // A map's chunks are handed to the pool in batches of about this many encoded bytes.
+  static constexpr std::size_t kSubmitBytes = 64 * 1024;
+
   std::shared_ptr<detail::Job> make_job(const CallOptions& options) const {
     if (options.timeout.count() < 0) throw InvalidArgument("CallOptions::timeout must not be negative");
     auto job = std::make_shared<detail::Job>();
@@ -626,14 +629,29 @@ class Pool {
       }
       auto job = make_job(options);
       std::vector<detail::Chunk> chunks;
-      chunks.reserve(n / chunksize + 1);
+      // Chunks go to the pool as they are encoded, a few at a time, so that the workers start on
+      // the first while the rest are encoded.
+      const std::size_t start_with = static_cast<std::size_t>(processes());
+      std::size_t pending_bytes = 0;
+      bool started = false;
       auto it = std::ranges::begin(inputs);
       const auto end = std::ranges::end(inputs);
       std::uint64_t index = 0;
+      // If encoding an item throws after some chunks were handed over, the call is cancelled:
+      // nothing of a call that failed to start keeps running.
+      struct CancelOnThrow {
+        detail::Job* job;
+        ~CancelOnThrow() {
+          if (job) job->cancel();
+        }
+      } guard{job.get()};
       while (it != end) {
         detail::Chunk& c = chunks.emplace_back();
         c.job = job;
         c.first = index;
+        const std::size_t items = std::min<std::size_t>(chunksize, n - static_cast<std::size_t>(index));
+        c.item_offsets.reserve(items);
+        if constexpr (std::is_trivially_copyable_v<Item>) c.request.reserve(64 + items * sizeof(Item));
         detail::begin_chunk(c, detail::Invoker<Fn, Item, Star>::id);
         detail::encode_function(c.request, static_cast<const Fn&>(f));
         for (; c.count < chunksize && it != end; ++it, ++c.count) {
@@ -646,8 +664,15 @@ class Pool {
         }
         index += c.count;
         detail::finish_chunk(c);
+        pending_bytes += c.request.size();
+        if (started ? pending_bytes >= kSubmitBytes : chunks.size() >= start_with) {
+          core().submit(std::exchange(chunks, {}));
+          pending_bytes = 0;
+          started = true;
+        }
       }
-      core().submit(std::move(chunks));
+      if (!chunks.empty()) core().submit(std::move(chunks));
+      guard.job = nullptr;
       return {std::move(job), index};
     }
   }
