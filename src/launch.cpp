@@ -223,7 +223,10 @@ class ForkServerClient {
     try {
       sys::send_message(control_.get(), std::as_bytes(std::span(&op, 1)), all);
     } catch (const SystemError& e) {
-      throw StartError(std::string("the fork server is gone: ") + e.what());
+      // Gone before it read the request (killed, or it never became a server: a program whose
+      // main() runs before multiproc::init() exits at once).
+      throw StartError(std::string("the fork server is gone (") + e.what() +
+                       "): does the program's main() call multiproc::init() first?");
     }
     ServerReply reply{};
     std::vector<sys::UniqueFd> got;
