@@ -846,6 +846,10 @@ const std::string& build_id() {
 }
 
 int thread_count() noexcept {
+  // procfs gives a process's task directory 2 + (number of threads) links: one stat(2), about a
+  // quarter of the cost of reading and parsing /proc/self/stat (which is the fallback).
+  struct stat task {};
+  if (::stat("/proc/self/task", &task) == 0 && task.st_nlink >= 3) return static_cast<int>(task.st_nlink - 2);
   char buf[1024];
   if (!read_small_file("/proc/self/stat", buf)) return 0;
   // Field 2 (the command) is in parentheses and may hold spaces: count fields after its ')'.

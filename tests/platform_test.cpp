@@ -769,3 +769,17 @@ TEST_F(PlatformTest, InjectedFaultInSocketPairThrowsAndLeaksNothing) {
 }
 
 }  // namespace
+
+TEST(Platform, ThreadCountSeesAThreadStartAndEnd) {
+  namespace sys = multiproc::detail::sys;
+  const int before = sys::thread_count();
+  ASSERT_GE(before, 1);
+  std::atomic<bool> go{false};
+  std::thread t([&] {
+    while (!go.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  EXPECT_EQ(sys::thread_count(), before + 1);
+  go.store(true);
+  t.join();
+  EXPECT_EQ(sys::thread_count(), before);
+}
