@@ -5,13 +5,26 @@
 
 namespace multiproc::detail {
 
+void check_frame_header(const FrameHeader& h, std::size_t max_payload) {
+  if (h.magic != kFrameMagic) throw ProtocolError("corrupt frame: bad magic");
+  if (h.tag == 0 || h.tag > kMaxFrameTag) throw ProtocolError("corrupt frame: unknown tag " + std::to_string(h.tag));
+  if (h.length > max_payload) {
+    throw ProtocolError("frame of " + std::to_string(h.length) + " bytes exceeds the channel's limit of " +
+                        std::to_string(max_payload) + " bytes");
+  }
+}
+
+void check_payload_size(std::size_t length, std::size_t max_payload) {
+  if (length > max_payload) {
+    throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
+                        std::to_string(max_payload) + " bytes");
+  }
+}
+
 void Channel::send(FrameTag tag, std::uint64_t id, Writer& frame, std::uint16_t flags) const {
   if (frame.size() < sizeof(FrameHeader)) throw ProtocolError("frame built without begin_frame()");
   const std::size_t length = frame.size() - sizeof(FrameHeader);
-  if (length > max_payload_) {
-    throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
-                        std::to_string(max_payload_) + " bytes");
-  }
+  check_payload_size(length, max_payload_);
   const FrameHeader h{kFrameMagic, static_cast<std::uint16_t>(tag), flags, id, length};
   std::memcpy(frame.data(), &h, sizeof h);
   sys::write_all(fd_.get(), frame.bytes());
@@ -49,14 +62,7 @@ bool Channel::recv(FrameHeader& header, Writer& payload) {
   }
   std::memcpy(&header, buffer_.get() + begin_, sizeof header);
   begin_ += sizeof header;
-  if (header.magic != kFrameMagic) throw ProtocolError("corrupt frame: bad magic");
-  if (header.tag == 0 || header.tag > kMaxFrameTag) {
-    throw ProtocolError("corrupt frame: unknown tag " + std::to_string(header.tag));
-  }
-  if (header.length > max_payload_) {
-    throw ProtocolError("frame of " + std::to_string(header.length) + " bytes exceeds the channel's limit of " +
-                        std::to_string(max_payload_) + " bytes");
-  }
+  check_frame_header(header, max_payload_);
   const auto length = static_cast<std::size_t>(header.length);
   payload.clear();
   std::byte* at = payload.grow(length);

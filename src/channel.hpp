@@ -44,6 +44,12 @@ inline constexpr std::uint16_t kFrameTimed = 1;
 /// In a task frame's reserved field: one result frame per item (a batch of one-item tasks).
 inline constexpr std::uint16_t kFrameEach = 2;
 
+/// Throws ProtocolError unless `h` is a frame header this side accepts: the magic, a known tag, a
+/// payload within `max_payload`. Every frame read from a peer (socket or ring) goes through it.
+void check_frame_header(const FrameHeader& h, std::size_t max_payload);
+/// Throws ProtocolError when a payload of `length` bytes exceeds `max_payload` (before sending).
+void check_payload_size(std::size_t length, std::size_t max_payload);
+
 class Channel {
  public:
   Channel() = default;

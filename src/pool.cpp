@@ -432,8 +432,7 @@ struct WorkerLink {
         if (length > config.max_payload) {
           Channel::begin_frame(out);
           try {
-            throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
-                                std::to_string(config.max_payload) + " bytes");
+            check_payload_size(length, config.max_payload);
           } catch (...) {
             encode_current_exception(out);
           }

@@ -35,10 +35,7 @@ void FrameRing::copy_out(std::uint32_t at, std::byte* to, std::size_t n) const n
 bool FrameRing::try_send(FrameTag tag, std::uint64_t id, Writer& frame, std::uint16_t flags) {
   if (frame.size() < sizeof(FrameHeader)) throw ProtocolError("frame built without begin_frame()");
   const std::size_t length = frame.size() - sizeof(FrameHeader);
-  if (length > max_payload_) {
-    throw ProtocolError("message of " + std::to_string(length) + " bytes exceeds the channel's limit of " +
-                        std::to_string(max_payload_) + " bytes");
-  }
+  check_payload_size(length, max_payload_);
   const std::size_t need = footprint(length);
   const std::uint32_t head = control_->head.load(std::memory_order_acquire);
   const std::uint32_t used = tail_ - head;
@@ -76,14 +73,7 @@ bool FrameRing::try_recv(FrameHeader& header, Writer& payload) {
     throw ProtocolError("frame ring corrupt: the producer's index is out of range");
   }
   copy_out(head_, reinterpret_cast<std::byte*>(&header), sizeof header);
-  if (header.magic != kFrameMagic) throw ProtocolError("corrupt frame: bad magic");
-  if (header.tag == 0 || header.tag > kMaxFrameTag) {
-    throw ProtocolError("corrupt frame: unknown tag " + std::to_string(header.tag));
-  }
-  if (header.length > max_payload_) {
-    throw ProtocolError("frame of " + std::to_string(header.length) + " bytes exceeds the channel's limit of " +
-                        std::to_string(max_payload_) + " bytes");
-  }
+  check_frame_header(header, max_payload_);
   const auto length = static_cast<std::size_t>(header.length);
   const std::size_t need = footprint(length);
   if (need > queued) throw ProtocolError("corrupt frame: longer than what the ring holds");
