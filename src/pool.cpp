@@ -629,8 +629,7 @@ struct PoolCore::Impl {
   std::thread supervisor;
   std::vector<Worker> workers;
   std::uint64_t next_seq = 1;
-  int startup_deaths = 0;  // workers that died before their initializer returned, in a row
-  Writer scratch;
+  int startup_deaths = 0;   // workers that died before their initializer returned, in a row
   bool sent_timed = false;  // a chunk with a time limit was sent since the supervisor set its timers
   Writer frame;             // the frame being read from a worker
 
