@@ -88,10 +88,6 @@ class FrameRing {
   /// something already. Spurious returns are allowed.
   void wait_readable(std::chrono::nanoseconds timeout) noexcept;
 
-  [[nodiscard]] bool valid() const noexcept { return control_ != nullptr; }
-  [[nodiscard]] std::size_t max_payload() const noexcept { return max_payload_; }
-  void set_max_payload(std::size_t n) noexcept { max_payload_ = n; }
-
  private:
   void wait_for_room(std::size_t need) noexcept;
   void copy_in(std::uint32_t at, const std::byte* from, std::size_t n) noexcept;
