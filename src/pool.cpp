@@ -162,6 +162,12 @@ void finish_chunk(Chunk& c) {
   c.items_end = c.request.size();
 }
 
+// A halted worker is about to be SIGKILLed by its parent; sleeping keeps it from starting
+// anything the parent would have to account for.
+void Progress::wait_to_be_killed() noexcept {
+  for (;;) ::pause();
+}
+
 namespace {
 
 // Items [from, to) of `c` as a chunk of their own.
@@ -392,7 +398,7 @@ struct WorkerLink {
       link.pool->active.fetch_add(1, std::memory_order_relaxed);
       link.shared->busy.store(1, std::memory_order_relaxed);
       // Items are stamped only where the parent set a time limit.
-      TaskContext ctx{progress, config.timed && (h.reserved & kFrameTimed) != 0};
+      TaskContext ctx{progress, config.timed && (h.reserved & kFrameTimed) != 0, h.id};
       const bool each = (h.reserved & kFrameEach) != 0;
       struct Sink {
         WorkerLink* link;
@@ -411,8 +417,7 @@ struct WorkerLink {
         progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
                                      std::memory_order_relaxed);
       }
-      progress->item.store(0, std::memory_order_relaxed);
-      progress->chunk.store(h.id, std::memory_order_release);
+      progress->move_to(Progress::position_of(h.id, 0));
       FrameTag reply = FrameTag::result;
       try {
         const auto id = r.read_value<std::uint64_t>();
@@ -534,6 +539,7 @@ struct PoolCore::Impl {
     bool quick = false;                     // its last chunk took less than kShortChunk: pipeline to it
     std::chrono::nanoseconds item_time{0};  // per item, measured on its last chunk (batching)
     bool timed_out = false;                 // killed for running past task_timeout: its item fails with TaskTimeout
+    std::uint64_t halted_at = 0;            // with timed_out: the Progress position it was stopped at
     bool cancel_killed = false;             // killed because the call of the task it ran was cancelled
     bool retiring = false;                  // said it will exit (max_memory_per_child) or was told to (idle)
     std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
@@ -996,26 +1002,33 @@ struct PoolCore::Impl {
     return c.job->timeout.count() > 0 ? c.job->timeout : task_timeout;
   }
 
-  // The chunk the worker is running, if it is one it was sent and has not answered.
-  const InFlight* running_chunk(const Worker& w) const {
-    if (w.pid == 0 || w.inflight.empty()) return nullptr;
-    const Progress& p = *w.progress();
-    const std::uint64_t running = p.chunk.load(std::memory_order_acquire);
+  // The unanswered chunk of ours that a worker's position names, if any.
+  static const InFlight* chunk_at(const Worker& w, std::uint64_t position) {
     for (const auto& f : w.inflight) {
-      if (f.seq == running) return &f;
+      if (static_cast<std::uint32_t>(f.seq) == Progress::chunk_of(position)) return &f;
     }
     return nullptr;  // between chunks: nothing of ours is running
   }
 
-  // When the item a worker is running (if it is one of ours still unanswered) passes its limit.
-  std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w) const {
-    if (w.timed_out || w.cancel_killed) return std::nullopt;
-    const InFlight* f = running_chunk(w);
+  // The chunk the worker is running, if it is one it was sent and has not answered.
+  const InFlight* running_chunk(const Worker& w) const {
+    if (w.pid == 0 || w.inflight.empty()) return nullptr;
+    return chunk_at(w, w.progress()->position.load(std::memory_order_acquire));
+  }
+
+  // When the item a worker is running (if it is one of ours still unanswered) passes its limit;
+  // `position` receives where the worker was seen.
+  std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w,
+                                                                      std::uint64_t* position = nullptr) const {
+    if (w.timed_out || w.cancel_killed || w.pid == 0) return std::nullopt;
+    const Progress& p = *w.progress();
+    // Acquire: pairs with the worker's move_to, so item_started is at least this item's stamp.
+    const std::uint64_t at = p.position.load(std::memory_order_acquire);
+    const InFlight* f = chunk_at(w, at);
     if (!f) return std::nullopt;
     const auto limit = limit_of(f->chunk);
     if (limit.count() <= 0) return std::nullopt;
-    const Progress& p = *w.progress();
-    (void)p.item.load(std::memory_order_acquire);  // pairs with at_item's release: item_started is fresh
+    if (position) *position = at;
     const std::int64_t started = p.item_started.load(std::memory_order_relaxed);
     if (started == 0) return std::nullopt;
     const std::chrono::steady_clock::time_point t{std::chrono::steady_clock::duration(started)};
@@ -1040,14 +1053,19 @@ struct PoolCore::Impl {
     return next;
   }
 
-  // A task past its time: its worker's whole process group is SIGKILLed; when its pidfd fires, the
-  // item fails with TaskTimeout instead of WorkerCrashed, and the worker is replaced.
+  // A task past its time: the worker is halted at that item (it may have finished it meanwhile,
+  // but starts nothing more), then its whole process group is SIGKILLed; when its pidfd fires,
+  // the item fails with TaskTimeout instead of WorkerCrashed, and the worker is replaced.
   void kill_overdue_workers() {
     const auto now = std::chrono::steady_clock::now();
     for (auto& w : workers) {
-      const auto d = task_deadline(w);
+      std::uint64_t seen = 0;
+      const auto d = task_deadline(w, &seen);
       if (!d || now < *d) continue;
+      // It moved on since it was seen: its new item has a new start, judged on the next look.
+      if (!w.progress()->position.compare_exchange_strong(seen, seen | Progress::kHalted)) continue;
       w.timed_out = true;
+      w.halted_at = seen;
       sys::send_signal(w.pid, SIGKILL, true);
     }
   }
@@ -1116,9 +1134,7 @@ struct PoolCore::Impl {
   // concerned; with max_tasks_per_child, chunks are counted as sent, so none are merged. Under
   // `mutex`.
   void merge_following(const Worker& w, Chunk& chunk) {
-    // Not for calls with a time limit: a batch's items are timed one by one, and a chaos run once
-    // blamed a timeout on an item of a batch that had not started (under investigation).
-    if (max_tasks || w.item_time.count() <= 0 || !w.quick || chunk.count != 1 || limit_of(chunk).count() > 0) return;
+    if (max_tasks || w.item_time.count() <= 0 || !w.quick || chunk.count != 1) return;
     const auto budget = static_cast<std::size_t>(std::max<std::int64_t>(kBatchTime / w.item_time, 1));
     while (chunk.count < budget && !queue.empty()) {
       Chunk& next = queue.front();
@@ -1138,6 +1154,8 @@ struct PoolCore::Impl {
   }
 
   void send_chunk(Worker& w, Chunk chunk) {
+    // Progress positions carry the low 32 bits of a frame id; zero is the "nothing yet" position.
+    if (static_cast<std::uint32_t>(next_seq) == 0) ++next_seq;
     const std::uint64_t seq = next_seq++;
     ++w.chunks_sent;
     if (w.inflight.empty()) w.last_result = std::chrono::steady_clock::now();
@@ -1365,18 +1383,25 @@ struct PoolCore::Impl {
       fail_inflight(w, PoolErrorKind::initializer, *why);
       return;
     }
-    const std::uint64_t running = w.progress()->chunk.load(std::memory_order_relaxed);
-    std::uint32_t at = w.progress()->item.load(std::memory_order_relaxed);
+    // Where it was: for a timeout, where the supervisor halted it (it may have answered that
+    // item since and started nothing after it); otherwise as it last published.
+    const std::uint64_t position =
+        w.timed_out ? w.halted_at : w.progress()->position.load(std::memory_order_relaxed);
+    const InFlight* running = w.cancel_killed ? nullptr : chunk_at(w, position);
     std::vector<Chunk> requeue;
     for (auto& f : w.inflight) {
       if (f.chunk.job->abandoned()) continue;
-      if (f.seq != running) {
-        requeue.push_back(rest_of(f));
+      // Not started, or already answered up to where the worker stopped (it died between two
+      // items, or finished the halted one before the kill): nothing to blame, all to run again.
+      // A worker killed for a cancelled call blames nothing of another call either.
+      const std::uint32_t item = Progress::item_of(position);
+      if (&f != running || item < f.answered) {
+        if (f.answered < f.chunk.count) requeue.push_back(rest_of(f));
         continue;
       }
       // Items of a batch already answered keep their outcomes; the crash is the next one's.
       Chunk chunk = rest_of(f);
-      at = at >= f.answered ? at - f.answered : 0;
+      std::uint32_t at = item - f.answered;
       if (at >= chunk.count) at = chunk.count - 1;  // the worker's memory is not to be trusted
       Writer one;
       if (w.timed_out) {

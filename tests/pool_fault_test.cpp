@@ -3,10 +3,12 @@
 // recycling (max_tasks_per_child) and the initializer.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -583,4 +585,58 @@ TEST(PoolTaskTimeout, QuickTasksNeverTimeOut) {
 TEST(PoolTaskTimeout, NegativeTimeoutIsInvalidArgument) {
   EXPECT_THROW((multiproc::Pool{{.processes = 1, .task_timeout = std::chrono::milliseconds(-1)}}),
                multiproc::InvalidArgument);
+}
+
+// Tasks that end right at their time limit race the supervisor's kill: it decides that a task is
+// overdue, and the worker may finish it and start the next one before SIGKILL lands. Only a task
+// that was running when it was judged may fail with TaskTimeout; a task that had not started must
+// run once, elsewhere (with chunksize 1, a quick worker is sent batches: the item after the judged
+// one may be in the same frame). Start counts live in memory shared with the forked workers.
+namespace {
+std::atomic<int>* g_limit_started = nullptr;
+constexpr auto kRaceLimit = std::chrono::milliseconds(20);
+
+int sleep_near_the_limit(int i) {
+  g_limit_started[i].fetch_add(1, std::memory_order_relaxed);
+  if (i % 3 == 2) {  // a third of the tasks end within ±1 ms of the limit; the rest are quick
+    const auto jitter = std::chrono::microseconds((i * 397) % 2000) - std::chrono::milliseconds(1);
+    std::this_thread::sleep_for(kRaceLimit + jitter);
+  }
+  return i;
+}
+}  // namespace
+
+TEST(PoolTaskTimeout, ATaskJudgedOverdueIsTheOnlyOneThatFails) {
+  constexpr int n = 600;
+  void* counters = ::mmap(nullptr, sizeof(std::atomic<int>) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(counters, MAP_FAILED);
+  g_limit_started = new (counters) std::atomic<int>[n] {};
+  int timed_out = 0;
+  {
+    // fork: the workers share the counters' mapping (a spawned worker would not).
+    multiproc::Pool pool{
+        {.processes = 4, .task_timeout = kRaceLimit, .start_method = multiproc::StartMethod::fork}};
+    const auto out = pool.map_outcomes(sleep_near_the_limit, pooltest::iota_vector(n), 1);
+    ASSERT_EQ(out.size(), static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      const auto& o = out[static_cast<std::size_t>(i)];
+      EXPECT_EQ(g_limit_started[i].load(), 1) << "task " << i << " must start exactly once";
+      if (o.has_value()) {
+        EXPECT_EQ(o.value(), i);
+        continue;
+      }
+      ++timed_out;
+      EXPECT_EQ(i % 3, 2) << "task " << i << " is quick: it can only fail if it was blamed for another";
+      try {
+        std::rethrow_exception(o.error());
+      } catch (const multiproc::TaskTimeout& e) {
+        EXPECT_NE(std::string(e.what()).find("task " + std::to_string(i) + " ran past"), std::string::npos) << e.what();
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << "task " << i << ": " << e.what();
+      }
+    }
+  }
+  std::printf("%d of %d tasks near the limit timed out\n", timed_out, n / 3);
+  ::munmap(counters, sizeof(std::atomic<int>) * n);
+  g_limit_started = nullptr;
 }

@@ -31,18 +31,40 @@
 
 namespace multiproc::detail {
 
-/// Where a worker is: the chunk (its frame id) and the item in it it is running. Lives in memory
-/// shared with the parent, so the parent can read it after the worker's death.
+/// Where a worker is: the chunk (the low 32 bits of its frame id) and the item in it that it is
+/// running, in one word, so that the parent can stop a worker at exactly the item it judged
+/// (kHalted). Lives in memory shared with the parent, so the parent can read it after the
+/// worker's death.
 struct Progress {
-  std::atomic<std::uint64_t> chunk{0};
-  std::atomic<std::uint32_t> item{0};
+  static constexpr std::uint64_t kHalted = std::uint64_t{1} << 31;  // set by the parent: go no further
+  static constexpr std::uint64_t position_of(std::uint64_t chunk, std::uint32_t item) noexcept {
+    return (chunk << 32) | (item & (kHalted - 1));
+  }
+  static constexpr std::uint32_t chunk_of(std::uint64_t position) noexcept {
+    return static_cast<std::uint32_t>(position >> 32);
+  }
+  static constexpr std::uint32_t item_of(std::uint64_t position) noexcept {
+    return static_cast<std::uint32_t>(position & (kHalted - 1));
+  }
+
+  std::atomic<std::uint64_t> position{0};
   std::atomic<std::uint32_t> initialized{0};  // set once the pool's initializer has returned
   std::atomic<std::int64_t> item_started{0};  // steady_clock ticks when the item began (timeouts)
+
+  /// The worker moves on to `next`; if the parent halted where it was (it is being killed for
+  /// that item's time limit), it goes no further. An exchange, so that a halt is never missed:
+  /// used at a chunk's start and for each item of a chunk with a time limit (the only positions
+  /// the parent halts).
+  void move_to(std::uint64_t next) noexcept {
+    if ((position.exchange(next, std::memory_order_acq_rel) & kHalted) != 0) wait_to_be_killed();
+  }
+  [[noreturn]] static void wait_to_be_killed() noexcept;
 };
 
 struct TaskContext {
   Progress* progress = nullptr;
-  bool timed = false;  // the pool has a task timeout: stamp each item's start
+  bool timed = false;      // the chunk has a time limit: stamp each item's start
+  std::uint64_t chunk = 0;  // its frame id
   // When set, called after each item's outcome is written (a batch of one-item tasks: each is
   // answered as soon as it is done, so that a crash never runs a finished task again). It sends
   // what `reply` holds and leaves it ready for the next outcome.
@@ -56,8 +78,10 @@ struct TaskContext {
     if (timed) {
       progress->item_started.store(std::chrono::steady_clock::now().time_since_epoch().count(),
                                    std::memory_order_relaxed);
+      progress->move_to(Progress::position_of(chunk, i));
+    } else {
+      progress->position.store(Progress::position_of(chunk, i), std::memory_order_release);
     }
-    progress->item.store(i, std::memory_order_release);
   }
 };
 
