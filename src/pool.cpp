@@ -154,6 +154,7 @@ void begin_chunk(Chunk& c, std::uint64_t invoker_id) {
   c.request.write_value(invoker_id);
   c.request.write_value(std::uint32_t{0});
   c.item_offsets.clear();
+  c.item_size = 0;
   c.count = 0;
 }
 
@@ -177,14 +178,14 @@ Chunk sub_chunk(const Chunk& c, std::uint32_t from, std::uint32_t to) {
   out.first = c.first + from;
   out.answer_each = c.answer_each;
   const std::byte* base = c.request.data();
-  const std::size_t callable_end = c.item_offsets.empty() ? c.items_end : c.item_offsets[0];
-  out.request.write_bytes(base, callable_end);  // header room, id, count, callable
-  for (std::uint32_t i = from; i < to; ++i) {
-    const std::size_t begin = c.item_offsets[i];
-    const std::size_t end = i + 1 < c.count ? c.item_offsets[i + 1] : c.items_end;
-    out.item_offsets.push_back(out.request.size());
-    out.request.write_bytes(base + begin, end - begin);
+  out.request.write_bytes(base, item_begin(c, 0));  // header room, id, count, callable
+  out.items_begin = out.request.size();
+  out.item_size = c.item_size;
+  if (c.item_size == 0) {
+    for (std::uint32_t i = from; i < to; ++i)
+      out.item_offsets.push_back(c.item_offsets[i] - c.item_offsets[from] + out.items_begin);
   }
+  out.request.write_bytes(base + item_begin(c, from), item_begin(c, to) - item_begin(c, from));
   out.count = to - from;
   finish_chunk(out);
   return out;
@@ -797,7 +798,10 @@ struct PoolCore::Impl {
       check_fork_safety();
       PoolShared* pool_shared = hub->shared;
       const int bell = wakeup.get();
+      // Taken here, where no lock is inherited: the worker decodes tasks' function pointers from it.
+      const auto modules = snapshot_modules();
       const pid_t pid = sys::fork_process(fo, [&] {
+        use_module_snapshot(modules.get());
         WorkerLink link(Channel(sys::UniqueFd(child_end.release()), max_payload), memory, pool_shared, bell, config);
         worker_main(link, config);
       });
@@ -1019,7 +1023,7 @@ struct PoolCore::Impl {
   // When the item a worker is running (if it is one of ours still unanswered) passes its limit;
   // `position` receives where the worker was seen.
   std::optional<std::chrono::steady_clock::time_point> task_deadline(const Worker& w,
-                                                                      std::uint64_t* position = nullptr) const {
+                                                                     std::uint64_t* position = nullptr) const {
     if (w.timed_out || w.cancel_killed || w.pid == 0) return std::nullopt;
     const Progress& p = *w.progress();
     // Acquire: pairs with the worker's move_to, so item_started is at least this item's stamp.
@@ -1139,10 +1143,10 @@ struct PoolCore::Impl {
     while (chunk.count < budget && !queue.empty()) {
       Chunk& next = queue.front();
       if (next.job != chunk.job || next.first != chunk.first + chunk.count || next.count != 1 ||
-          chunk.request.size() + next.request.size() > kBatchBytes) {
+          next.item_size != chunk.item_size || chunk.request.size() + next.request.size() > kBatchBytes) {
         return;
       }
-      const std::size_t callable_end = next.item_offsets.empty() ? next.items_end : next.item_offsets[0];
+      const std::size_t callable_end = item_begin(next, 0);
       const std::size_t shift = chunk.request.size() - callable_end;
       for (const std::size_t offset : next.item_offsets) chunk.item_offsets.push_back(offset + shift);
       chunk.request.write_bytes(next.request.data() + callable_end, next.items_end - callable_end);
@@ -1385,8 +1389,7 @@ struct PoolCore::Impl {
     }
     // Where it was: for a timeout, where the supervisor halted it (it may have answered that
     // item since and started nothing after it); otherwise as it last published.
-    const std::uint64_t position =
-        w.timed_out ? w.halted_at : w.progress()->position.load(std::memory_order_relaxed);
+    const std::uint64_t position = w.timed_out ? w.halted_at : w.progress()->position.load(std::memory_order_relaxed);
     const InFlight* running = w.cancel_killed ? nullptr : chunk_at(w, position);
     std::vector<Chunk> requeue;
     for (auto& f : w.inflight) {

@@ -5,11 +5,14 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "multiproc/detail/task.hpp"
 #include "multiproc/pool.hpp"
@@ -103,6 +106,9 @@ struct ModuleSearch {
   std::uintptr_t base = 0;
 };
 
+// Set in a forked pool worker: the modules as its parent saw them just before the fork.
+const ModuleSnapshot* g_module_snapshot = nullptr;
+
 bool in_executable_segment(const dl_phdr_info* info, std::uintptr_t offset) {
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& ph = info->dlpi_phdr[i];
@@ -137,10 +143,44 @@ void encode_function_address(Writer& w, void (*fn)()) {
   w.write_value(static_cast<std::uint64_t>(s.address - s.base));
 }
 
+struct ModuleSnapshot {
+  struct Module {
+    std::uintptr_t base;
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> code;  // executable segments, relative to base
+  };
+  std::vector<Module> modules;  // in dl_iterate_phdr's order: encode_function_address's indices
+};
+
+std::shared_ptr<const ModuleSnapshot> snapshot_modules() {
+  auto s = std::make_shared<ModuleSnapshot>();
+  ::dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* data) -> int {
+        auto& modules = *static_cast<std::vector<ModuleSnapshot::Module>*>(data);
+        ModuleSnapshot::Module m{info->dlpi_addr, {}};
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X)) m.code.emplace_back(ph.p_vaddr, ph.p_vaddr + ph.p_memsz);
+        }
+        modules.push_back(std::move(m));
+        return 0;
+      },
+      &s->modules);
+  return s;
+}
+
+void use_module_snapshot(const ModuleSnapshot* s) noexcept { g_module_snapshot = s; }
+
 void (*decode_function_address(Reader& r))() {
   ModuleSearch s{0, 0};
   s.index = r.read_value<std::uint32_t>();
   s.address = static_cast<std::uintptr_t>(r.read_value<std::uint64_t>());
+  if (const ModuleSnapshot* snapshot = g_module_snapshot; snapshot && s.index < snapshot->modules.size()) {
+    const auto& m = snapshot->modules[s.index];
+    for (const auto& [begin, end] : m.code) {
+      if (s.address >= begin && s.address < end) return reinterpret_cast<void (*)()>(m.base + s.address);
+    }
+    throw SerializationError("a task's function address is not in executable code of a loaded module");
+  }
   ::dl_iterate_phdr(
       [](dl_phdr_info* info, std::size_t, void* data) -> int {
         auto& s = *static_cast<ModuleSearch*>(data);

@@ -2,9 +2,11 @@
 // that task with WorkerCrashed; every other result is correct and the pool goes on. Also worker
 // recycling (max_tasks_per_child) and the initializer.
 #include <fcntl.h>
+#include <link.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -608,14 +610,14 @@ int sleep_near_the_limit(int i) {
 
 TEST(PoolTaskTimeout, ATaskJudgedOverdueIsTheOnlyOneThatFails) {
   constexpr int n = 600;
-  void* counters = ::mmap(nullptr, sizeof(std::atomic<int>) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* counters =
+      ::mmap(nullptr, sizeof(std::atomic<int>) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(counters, MAP_FAILED);
   g_limit_started = new (counters) std::atomic<int>[n] {};
   int timed_out = 0;
   {
     // fork: the workers share the counters' mapping (a spawned worker would not).
-    multiproc::Pool pool{
-        {.processes = 4, .task_timeout = kRaceLimit, .start_method = multiproc::StartMethod::fork}};
+    multiproc::Pool pool{{.processes = 4, .task_timeout = kRaceLimit, .start_method = multiproc::StartMethod::fork}};
     const auto out = pool.map_outcomes(sleep_near_the_limit, pooltest::iota_vector(n), 1);
     ASSERT_EQ(out.size(), static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i) {
@@ -639,4 +641,55 @@ TEST(PoolTaskTimeout, ATaskJudgedOverdueIsTheOnlyOneThatFails) {
   std::printf("%d of %d tasks near the limit timed out\n", timed_out, n / 3);
   ::munmap(counters, sizeof(std::atomic<int>) * n);
   g_limit_started = nullptr;
+}
+
+// glibc's dl_iterate_phdr holds a loader lock that fork(2) leaves as it is. A pool worker forked
+// while another thread of the parent iterates the modules (encoding a task's function pointer, as
+// a map does while the supervisor replaces a crashed worker) must still decode its tasks' function
+// pointers: it decodes them from a snapshot its parent took before forking, never calling
+// dl_iterate_phdr. Here a thread holds the loader lock across two forks: a child that iterates
+// itself hangs (the premise), a child using the snapshot decodes at once.
+namespace {
+std::atomic<bool> g_iterating{false};
+std::atomic<bool> g_stop_iterating{false};
+}  // namespace
+
+TEST(PoolModules, AWorkerForkedWhileAnotherThreadIteratesModulesDecodesFromTheSnapshot) {
+  if (POOLTEST_TSAN)
+    GTEST_SKIP() << "a forked child of a thread holding the loader lock hangs in TSan's own fork handling";
+  namespace d = multiproc::detail;
+  const auto snapshot = d::snapshot_modules();
+  multiproc::Writer encoded;
+  d::encode_function_address(encoded, reinterpret_cast<void (*)()>(&pooltest::square));
+  std::thread holder([] {
+    ::dl_iterate_phdr(
+        [](dl_phdr_info*, std::size_t, void*) -> int {
+          g_iterating = true;
+          while (!g_stop_iterating) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          return 1;
+        },
+        nullptr);
+  });
+  while (!g_iterating) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  auto decode_in_child = [&](bool with_snapshot) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      if (with_snapshot) d::use_module_snapshot(snapshot.get());
+      multiproc::Reader r(encoded.bytes());
+      const auto fn = d::decode_function_address(r);
+      ::_exit(fn == reinterpret_cast<void (*)()>(&pooltest::square) ? 0 : 1);
+    }
+    return pid;
+  };
+  const pid_t plain = decode_in_child(false);
+  const pid_t with_snapshot = decode_in_child(true);
+  const auto status = test_support::wait_exit(with_snapshot, std::chrono::seconds(10));
+  ASSERT_TRUE(status.has_value()) << "the child decoding from the snapshot hung";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
+  EXPECT_FALSE(test_support::wait_exit(plain, std::chrono::milliseconds(300)).has_value())
+      << "a child calling dl_iterate_phdr itself did not hang: the premise of the snapshot no longer holds";
+  ::kill(plain, SIGKILL);
+  (void)test_support::wait_exit(plain);
+  g_stop_iterating = true;
+  holder.join();
 }

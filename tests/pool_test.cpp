@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <new>
 #include <ranges>
@@ -280,6 +281,52 @@ TEST_P(PoolTest, MapGivesTheSameResultsForEveryChunksize) {
   const auto xs = iota_vector(103);  // not a multiple of any chunk size below
   for (std::size_t chunksize : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{1000}}) {
     EXPECT_EQ(pool.map(square, xs, chunksize), squares(103)) << "chunksize " << chunksize;
+  }
+}
+
+// Items and results that travel as their own bytes (ints, doubles, plain structs) take a path of
+// their own (one copy per chunk, answered in place): the same results as items that do not (a
+// std::list's elements, encoded one by one), for every chunk size, with a throw in the middle.
+struct Sample {
+  std::int32_t id;
+  double weight;
+  char tag[3];  // and padding after it
+  friend bool operator==(const Sample&, const Sample&) = default;
+};
+Sample heavier(Sample s) {
+  if (s.id == 40) throw std::invalid_argument("sample 40");
+  return Sample{s.id, s.weight * 2, {s.tag[2], s.tag[1], s.tag[0]}};
+}
+std::int64_t floor_of(double x) { return static_cast<std::int64_t>(x * 10); }
+
+TEST_P(PoolTest, MapOfPlainValuesMatchesItemByItemEncoding) {
+  auto pool = make_pool();
+  std::vector<Sample> samples;
+  for (int i = 0; i < 97; ++i) samples.push_back(Sample{i, i / 3.0, {'a', static_cast<char>('a' + i % 26), 'z'}});
+  const std::list<Sample> listed(samples.begin(), samples.end());
+  std::vector<double> reals;
+  for (int i = 0; i < 97; ++i) reals.push_back(i * 0.75);
+  for (std::size_t chunksize : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{200}}) {
+    const auto fast = pool.map_outcomes(heavier, samples, chunksize);
+    const auto slow = pool.map_outcomes(heavier, listed, chunksize);
+    ASSERT_EQ(fast.size(), samples.size());
+    ASSERT_EQ(slow.size(), samples.size());
+    for (std::size_t i = 0; i < samples.size(); ++i) {
+      if (i == 40) {
+        EXPECT_FALSE(fast[i].has_value());
+        EXPECT_FALSE(slow[i].has_value());
+        EXPECT_THROW((void)fast[i].value(), std::invalid_argument);
+        continue;
+      }
+      ASSERT_TRUE(fast[i].has_value()) << i;
+      ASSERT_TRUE(slow[i].has_value()) << i;
+      EXPECT_EQ(fast[i].value(), heavier(samples[i])) << i;
+      EXPECT_EQ(slow[i].value(), fast[i].value()) << i;
+    }
+    std::vector<std::int64_t> floors;
+    for (double x : reals) floors.push_back(floor_of(x));
+    EXPECT_EQ(pool.map(floor_of, reals, chunksize), floors) << "chunksize " << chunksize;
+    EXPECT_THROW((void)pool.map(heavier, samples, chunksize), std::invalid_argument) << "chunksize " << chunksize;
   }
 }
 

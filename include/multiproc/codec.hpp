@@ -415,6 +415,14 @@ inline constexpr bool is_bitwise_v = (std::is_arithmetic_v<T> && !std::is_same_v
                                      (std::is_trivially_copyable_v<T> && std::is_class_v<T> &&
                                       !is_cereal_serializable_v<T>);
 
+// Types whose encoding is exactly their sizeof(T) bytes (no codec of their own): a run of them
+// encodes and decodes as one block.
+template <class T>
+inline constexpr bool encodes_as_bytes_v =
+    (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) ||
+    (std::is_trivially_copyable_v<T> && std::is_class_v<T> && !is_cereal_serializable_v<T> &&
+     !is_std_handled<T>::value);
+
 template <class Seq>
 void encode_sequence(Writer& w, const Seq& seq) {
   w.write_value(static_cast<std::uint64_t>(std::size(seq)));

@@ -31,9 +31,12 @@
 #include <sys/types.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <iterator>
@@ -216,7 +219,20 @@ std::vector<R> decode_vector(std::vector<Piece>& pieces) {
   out.reserve(n);
   for (auto& p : pieces) {
     Reader r(p.bytes.bytes());
-    for (std::uint32_t i = 0; i < p.count; ++i) out.push_back(decode_outcome<R>(r));
+    std::uint32_t i = 0;
+    if constexpr (encodes_as_bytes_v<R>) {
+      // Values one after the other, each behind its tag: read as such while they last.
+      constexpr std::size_t step = 1 + sizeof(R);
+      const std::byte* at = p.bytes.data();
+      const std::size_t whole = std::min<std::size_t>(p.count, p.bytes.size() / step);
+      for (; i < whole && at[0] == static_cast<std::byte>(OutcomeTag::value); ++i, at += step) {
+        std::array<std::byte, sizeof(R)> raw;
+        std::memcpy(raw.data(), at + 1, sizeof(R));
+        out.push_back(std::bit_cast<R>(raw));
+      }
+      (void)r.take(i * step);
+    }
+    for (; i < p.count; ++i) out.push_back(decode_outcome<R>(r));
   }
   return out;
 }
@@ -601,6 +617,8 @@ class Pool {
 
   // A map's chunks are handed to the pool in batches of about this many encoded bytes.
   static constexpr std::size_t kSubmitBytes = 64 * 1024;
+  // The most items in one chunk (a worker's position counts items in 31 bits).
+  static constexpr std::size_t kMaxChunkItems = (std::size_t{1} << 31) - 1;
 
   std::shared_ptr<detail::Job> make_job(const CallOptions& options) const {
     if (options.timeout.count() < 0) throw InvalidArgument("CallOptions::timeout must not be negative");
@@ -614,6 +632,9 @@ class Pool {
                                                                        std::size_t chunksize) {
     using Fn = std::decay_t<F>;
     using Item = std::ranges::range_value_t<R>;
+    // Items laid out as their own encoding (a vector of ints, say): a chunk's items are one copy.
+    constexpr bool kAsBytes = std::ranges::contiguous_range<R> && detail::encodes_as_bytes_v<Item> &&
+                              std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<R>>, Item>;
     detail::check_sendable<Fn>();
     if constexpr (!std::ranges::sized_range<R>) {
       // Unknown length: gather the items first (a map's results take that memory anyway).
@@ -627,6 +648,7 @@ class Pool {
         chunksize = n / per + (n % per ? 1 : 0);
         if (chunksize == 0) chunksize = 1;
       }
+      chunksize = std::min(chunksize, kMaxChunkItems);
       auto job = make_job(options);
       std::vector<detail::Chunk> chunks;
       // Chunks go to the pool as they are encoded, a few at a time, so that the workers start on
@@ -650,16 +672,24 @@ class Pool {
         c.job = job;
         c.first = index;
         const std::size_t items = std::min<std::size_t>(chunksize, n - static_cast<std::size_t>(index));
-        c.item_offsets.reserve(items);
+        if constexpr (!kAsBytes) c.item_offsets.reserve(items);
         if constexpr (std::is_trivially_copyable_v<Item>) c.request.reserve(64 + items * sizeof(Item));
         detail::begin_chunk(c, detail::Invoker<Fn, Item, Star>::id);
         detail::encode_function(c.request, static_cast<const Fn&>(f));
-        for (; c.count < chunksize && it != end; ++it, ++c.count) {
-          detail::mark_item(c);
-          if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<R>>, Item>) {
-            encode(c.request, *it);
-          } else {
-            encode(c.request, static_cast<Item>(*it));
+        if constexpr (kAsBytes) {
+          c.items_begin = c.request.size();
+          c.item_size = sizeof(Item);
+          c.request.write_bytes(std::to_address(it), items * sizeof(Item));
+          it += static_cast<std::ranges::range_difference_t<R>>(items);
+          c.count = static_cast<std::uint32_t>(items);
+        } else {
+          for (; c.count < chunksize && it != end; ++it, ++c.count) {
+            detail::mark_item(c);
+            if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<R>>, Item>) {
+              encode(c.request, *it);
+            } else {
+              encode(c.request, static_cast<Item>(*it));
+            }
           }
         }
         index += c.count;

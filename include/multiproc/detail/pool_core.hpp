@@ -105,9 +105,12 @@ struct Chunk {
   std::uint32_t count = 0;
   Writer request;
   /// Offsets in `request` where each item starts, and where the items end; lets the pool split a
-  /// chunk after a crash without decoding it.
+  /// chunk after a crash without decoding it. Items of one fixed size keep no offsets: they start
+  /// at items_begin, item_size bytes apart.
   std::vector<std::size_t> item_offsets;
+  std::size_t items_begin = 0;
   std::size_t items_end = 0;
+  std::uint32_t item_size = 0;
   /// Merged from one-item chunks (batching): the worker answers each item on its own.
   bool answer_each = false;
 };
@@ -122,6 +125,11 @@ void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message)
 void begin_chunk(Chunk& c, std::uint64_t invoker_id);
 /// Marks where the next item starts.
 inline void mark_item(Chunk& c) { c.item_offsets.push_back(c.request.size()); }
+/// Where item `i` of `c` starts; i == c.count: where its items end.
+inline std::size_t item_begin(const Chunk& c, std::uint32_t i) {
+  if (c.item_size != 0) return c.items_begin + std::size_t{i} * c.item_size;
+  return i < c.count ? c.item_offsets[i] : c.items_end;
+}
 void finish_chunk(Chunk& c);
 
 /// Where a Pool's chunks run, other than its own worker processes (the MPI backend): the same

@@ -15,11 +15,15 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <typeinfo>
@@ -63,7 +67,7 @@ struct Progress {
 
 struct TaskContext {
   Progress* progress = nullptr;
-  bool timed = false;      // the chunk has a time limit: stamp each item's start
+  bool timed = false;       // the chunk has a time limit: stamp each item's start
   std::uint64_t chunk = 0;  // its frame id
   // When set, called after each item's outcome is written (a batch of one-item tasks: each is
   // answered as soon as it is done, so that a crash never runs a finished task again). It sends
@@ -100,6 +104,15 @@ void encode_function_address(Writer& w, void (*fn)());
 /// Rebuilds an address encoded by encode_function_address() and checks that it lies in an
 /// executable segment of a loaded module; SerializationError if not.
 void (*decode_function_address(Reader& r))();
+
+/// The loaded modules' executable segments, as dl_iterate_phdr reports them now. glibc's
+/// dl_iterate_phdr holds a loader lock that fork(2) leaves as it is: a child forked while another
+/// thread iterates inherits it locked and would wait forever in its first call. A forking parent
+/// takes a snapshot first; the child decodes function addresses from it (use_module_snapshot).
+struct ModuleSnapshot;
+std::shared_ptr<const ModuleSnapshot> snapshot_modules();
+/// In a forked child: decode function addresses from `s` (kept alive by the parent's copy).
+void use_module_snapshot(const ModuleSnapshot* s) noexcept;
 
 // ---- outcomes --------------------------------------------------------------------------------
 enum class OutcomeTag : std::uint8_t {
@@ -221,7 +234,17 @@ template <class Fn, class Item, bool Star>
 struct Invoker {
   static void invoke(Reader& request, std::uint32_t count, Writer& reply, const TaskContext& ctx) {
     Fn f = decode_function<Fn>(request);
-    for (std::uint32_t i = 0; i < count; ++i) {
+    std::uint32_t i = 0;
+    if constexpr (kInPlace) {
+      if (!ctx.item_done) {
+        while (i < count) {
+          const std::uint32_t next = invoke_in_place(f, request, i, count, reply, ctx);
+          if (next == i) break;  // a short request: the loop below reports it
+          i = next;
+        }
+      }
+    }
+    for (; i < count; ++i) {
       ctx.at_item(i);
       Item item = decode<Item>(request);
       const std::size_t mark = reply.size();
@@ -243,6 +266,41 @@ struct Invoker {
     }
   }
   static const std::uint64_t id;
+
+ private:
+  using Result = call_result_t<Star, Fn, Item>;
+  static constexpr bool kInPlace = !Star && encodes_as_bytes_v<Item> && encodes_as_bytes_v<Result>;
+
+  // Items and results that are their own bytes (a map over ints): read and written in place,
+  // without the general loop's bookkeeping per item. Runs items [from, count) and returns where it
+  // stopped: after an item whose call threw (its outcome written as the general loop does), or at
+  // `from` if the request is too short to hold them.
+  static std::uint32_t invoke_in_place(Fn& f, Reader& request, std::uint32_t from, std::uint32_t count, Writer& reply,
+                                       const TaskContext& ctx) {
+    constexpr std::size_t step = 1 + sizeof(Result);
+    if (request.remaining() / sizeof(Item) < count - from) return from;
+    const std::byte* in = request.take(0).data();
+    const std::size_t mark = reply.size();
+    std::byte* out = reply.grow(std::size_t{count - from} * step);
+    std::uint32_t i = from;
+    for (; i < count; ++i, in += sizeof(Item), out += step) {
+      ctx.at_item(i);
+      std::array<std::byte, sizeof(Item)> raw;
+      std::memcpy(raw.data(), in, sizeof(Item));
+      try {
+        const Result result = call_with<Star>(f, std::bit_cast<Item>(raw));
+        *out = static_cast<std::byte>(OutcomeTag::value);
+        std::memcpy(out + 1, std::addressof(result), sizeof(Result));
+      } catch (...) {
+        reply.truncate(mark + std::size_t{i - from} * step);
+        encode_current_exception(reply);
+        ++i;
+        break;
+      }
+    }
+    (void)request.take(std::size_t{i - from} * sizeof(Item));
+    return i;
+  }
 };
 
 template <class Fn, class Item, bool Star>
