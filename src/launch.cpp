@@ -11,6 +11,10 @@
 
 #include <poll.h>
 #include <unistd.h>
+#if __has_include(<sys/single_threaded.h>)
+#include <sys/single_threaded.h>
+#define MULTIPROC_HAS_SINGLE_THREADED 1
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -494,6 +498,11 @@ void await_hello(Channel& channel, Child& child, std::chrono::milliseconds timeo
 
 void check_fork_safety() noexcept {
   if (g_warned.load(std::memory_order_relaxed)) return;
+#if MULTIPROC_HAS_SINGLE_THREADED
+  // glibc clears this when the process first creates a thread: while it is set there is no other
+  // thread to warn about, and counting them (a stat of /proc) is skipped.
+  if (__libc_single_threaded) return;
+#endif
   {
     auto& s = settings();
     std::lock_guard lock(s.mutex);

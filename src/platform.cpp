@@ -25,6 +25,10 @@
 #include <sanitizer/tsan_interface.h>
 #endif
 
+#if defined(__GLIBCXX__)
+#include <ext/stdio_sync_filebuf.h>
+#endif
+
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -32,6 +36,7 @@
 #include <iostream>
 #include <mutex>
 #include <new>
+#include <typeinfo>
 #include <vector>
 
 namespace multiproc::detail::sys {
@@ -50,15 +55,30 @@ void close_fd(int fd) noexcept {
 namespace {
 
 // The descriptors the library owns. Guarded by a mutex that fork_prepare_and_fork holds across
-// fork(2), so the child sees a consistent list and unlocks it.
+// fork(2), so the child sees a consistent list. A forked child only reads the list and then starts
+// a registry of its own when it first needs one: writing to the inherited one would make the child
+// copy its page.
 struct FdRegistry {
   std::mutex mutex;
   std::vector<int> fds;
+  FdRegistry* inherited = nullptr;  // keeps the ones inherited through fork reachable
 };
 
+// Never destroyed: used during exit.
+std::atomic<FdRegistry*> g_fd_registry{nullptr};
+// In a forked child, the registry it inherited: never used again, but reachable, so that a leak
+// checker does not report it.
+FdRegistry* g_inherited_fd_registry = nullptr;
+unsigned g_fork_generation = 0;
+
 FdRegistry& fd_registry() {
-  static FdRegistry* registry = new FdRegistry;  // never destroyed: used during exit
-  return *registry;
+  FdRegistry* r = g_fd_registry.load(std::memory_order_acquire);
+  if (r) return *r;
+  auto* fresh = new FdRegistry;
+  fresh->inherited = g_inherited_fd_registry;
+  if (g_fd_registry.compare_exchange_strong(r, fresh, std::memory_order_acq_rel)) return *fresh;
+  delete fresh;
+  return *r;
 }
 
 void register_fd(int fd) {
@@ -68,20 +88,17 @@ void register_fd(int fd) {
 }
 
 void unregister_fd(int fd) noexcept {
-  auto& r = fd_registry();
-  std::lock_guard lock(r.mutex);
-  auto it = std::find(r.fds.begin(), r.fds.end(), fd);
-  if (it != r.fds.end()) {
-    *it = r.fds.back();
-    r.fds.pop_back();
+  FdRegistry* r = g_fd_registry.load(std::memory_order_acquire);
+  if (!r) return;
+  std::lock_guard lock(r->mutex);
+  auto it = std::find(r->fds.begin(), r->fds.end(), fd);
+  if (it != r->fds.end()) {
+    *it = r->fds.back();
+    r->fds.pop_back();
   }
 }
 
 }  // namespace
-
-namespace {
-unsigned g_fork_generation = 0;
-}
 
 unsigned fork_generation() noexcept { return g_fork_generation; }
 
@@ -111,21 +128,23 @@ int UniqueFd::release() noexcept {
 }
 
 void close_registered_fds_in_child(std::span<const int> keep) noexcept {
-  auto& r = fd_registry();
-  // fork_prepare_and_fork locked the mutex across fork(2): in the child, the copy of the thread
-  // that locked it is the only thread, and unlocks it.
-  r.mutex.unlock();
-  for (int fd : r.fds) {
-    if (std::find(keep.begin(), keep.end(), fd) == keep.end()) ::close(fd);
+  // fork_prepare_and_fork held the registry's lock across fork(2): the list is whole, and no other
+  // thread exists here to change it. The lock stays held in this copy, which is never used again.
+  if (FdRegistry* r = g_fd_registry.load(std::memory_order_relaxed)) {
+    for (int fd : r->fds) {
+      if (std::find(keep.begin(), keep.end(), fd) == keep.end()) ::close(fd);
+    }
+    g_inherited_fd_registry = r;
+    g_fd_registry.store(nullptr, std::memory_order_relaxed);
   }
-  r.fds.clear();
   ++g_fork_generation;
 }
 
 std::size_t registered_fd_count() noexcept {
-  auto& r = fd_registry();
-  std::lock_guard lock(r.mutex);
-  return r.fds.size();
+  FdRegistry* r = g_fd_registry.load(std::memory_order_acquire);
+  if (!r) return 0;
+  std::lock_guard lock(r->mutex);
+  return r->fds.size();
 }
 
 void reset_caught_signal_handlers() noexcept {
@@ -142,16 +161,51 @@ void reset_caught_signal_handlers() noexcept {
   }
 }
 
-namespace detail_fork {
+namespace {
 
-pid_t fork_prepare_and_fork(sigset_t& old_mask) {
-  // Output still buffered in stdio would otherwise be written twice, once by each process.
+// True when `stream` writes straight through to a stdio FILE, as libstdc++'s std::cout and
+// std::cerr do while synced with stdio (the default): fflush(nullptr) then covers what it wrote.
+bool writes_through_to_stdio(const std::ostream& stream) noexcept {
+#if defined(__GLIBCXX__)
+  const std::streambuf* buf = stream.rdbuf();
+  return !buf || typeid(*buf) == typeid(__gnu_cxx::stdio_sync_filebuf<char>);
+#else
+  (void)stream;
+  return false;
+#endif
+}
+
+// Output still buffered would otherwise be written twice, once by each process (before fork), or
+// lost (at a child's _exit). Flushing a stream that writes through to stdio would only repeat
+// fflush(stdout) and rewrite its FILE, a page that parent and child would then each copy.
+void flush_output() noexcept {
   try {
-    std::cout.flush();
-    std::cerr.flush();
+    if (!writes_through_to_stdio(std::cout)) std::cout.flush();
+    if (!writes_through_to_stdio(std::cerr)) std::cerr.flush();
   } catch (...) {
   }
   std::fflush(nullptr);
+}
+
+// Library calls that a forked child makes and its parent may not: with lazy binding (a program
+// not linked with -z now) each child would look them up again, reading symbol tables it does not
+// have mapped yet. One call here binds them in the parent, for all its children.
+void bind_child_calls() noexcept {
+  struct sigaction current {};
+  (void)::sigaction(SIGCHLD, nullptr, &current);
+  int sig = 0;
+  (void)::prctl(PR_GET_PDEATHSIG, &sig);
+  (void)::getppid();
+}
+
+}  // namespace
+
+namespace detail_fork {
+
+pid_t fork_prepare_and_fork(sigset_t& old_mask) {
+  static const bool bound = (bind_child_calls(), true);
+  (void)bound;
+  flush_output();
   sigset_t all;
   ::sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
@@ -200,14 +254,16 @@ void parent_after_fork(const sigset_t& old_mask, pid_t child, bool new_process_g
   ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
 }
 
+namespace {
+// _exit called through its address, which the dynamic linker fills in when the program loads: a
+// direct call would be bound lazily, by every child anew, as bind_child_calls explains.
+std::atomic<void (*)(int)> g_exit_function{&::_exit};
+}  // namespace
+
 void child_exit(int code) noexcept {
-  try {
-    std::cout.flush();
-    std::cerr.flush();
-  } catch (...) {
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
+  flush_output();
+  g_exit_function.load(std::memory_order_relaxed)(code);
+  ::_exit(code);  // not reached
 }
 
 }  // namespace detail_fork

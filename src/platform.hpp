@@ -116,8 +116,8 @@ class UniqueFd {
 };
 
 /// In a freshly forked child: closes every registered descriptor except those in `keep` (which
-/// the child adopts through UniqueFd::release()), empties the registry and resets its lock (the
-/// parent may have had another thread inside it).
+/// the child adopts through UniqueFd::release()) and leaves the inherited registry untouched (its
+/// page stays shared with the parent): the child's own descriptors go to a new, empty one.
 void close_registered_fds_in_child(std::span<const int> keep) noexcept;
 /// Number of descriptors in the registry (tests).
 std::size_t registered_fd_count() noexcept;
