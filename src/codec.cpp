@@ -1,17 +1,35 @@
 #include "multiproc/codec.hpp"
 
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <string>
 
+#include "platform.hpp"
+
 namespace multiproc {
+
+void Writer::Release::operator()(std::byte* p) const noexcept { std::free(p); }
 
 void Writer::reallocate(std::size_t at_least) {
   std::size_t capacity = capacity_ < 64 ? 64 : capacity_ * 2;
   while (capacity < at_least) capacity *= 2;
-  auto fresh = std::unique_ptr<std::byte[]>(new std::byte[capacity]);
+  // A large buffer (a big argument, a whole chunk) is filled once, right away: on huge pages that
+  // is one fault per 2 MiB instead of 512. Its capacity is then a power of two times 64 bytes, a
+  // multiple of the huge page.
+  const bool large = capacity >= detail::kBulkBytes;
+  void* p = large ? std::aligned_alloc(std::size_t{2} << 20, capacity) : std::malloc(capacity);
+  if (!p) throw std::bad_alloc();
+  if (large) detail::sys::advise_huge_pages(p, capacity);
+  std::unique_ptr<std::byte[], Release> fresh(static_cast<std::byte*>(p));
   if (size_) std::memcpy(fresh.get(), data_.get(), size_);
   data_ = std::move(fresh);
   capacity_ = capacity;
 }
+
+namespace detail {
+void prepare_bulk(void* p, std::size_t n) noexcept { sys::advise_huge_pages(p, n); }
+}  // namespace detail
 
 std::size_t Reader::read_length(std::size_t min_element_size, std::size_t element_bytes) {
   const auto n = read_value<std::uint64_t>();

@@ -975,4 +975,11 @@ void change_directory(const std::string& path) {
   checked("chdir", [&] { return ::chdir(path.c_str()); });
 }
 
+void advise_huge_pages(void* p, std::size_t n) noexcept {
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(kHuge - 1);
+  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
 }  // namespace multiproc::detail::sys

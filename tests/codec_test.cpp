@@ -593,6 +593,35 @@ TEST(CodecTest, WriterGrowsAndTruncates) {
   EXPECT_EQ(w.size(), 0u);
 }
 
+// From 4 MiB on, a Writer's buffer and a decoded vector of plain values are put on huge pages
+// before they are filled (another allocation path): contents survive growth and moves, and
+// decoding into a vector that already holds something replaces it.
+TEST(CodecTest, BulkBuffersKeepTheirContents) {
+  multiproc::Writer w;
+  constexpr int kInts = 3 << 20;  // 12 MiB, written in pieces across several reallocations
+  for (int i = 0; i < kInts; ++i) w.write_value(i * 7);
+  ASSERT_EQ(w.size(), kInts * sizeof(int));
+  multiproc::Writer moved(std::move(w));
+  for (int i : {0, 1, kInts / 2, kInts - 1}) {
+    int v = 0;
+    std::memcpy(&v, moved.data() + static_cast<std::size_t>(i) * sizeof(int), sizeof v);
+    EXPECT_EQ(v, i * 7) << i;
+  }
+  w.write_value(5);  // the moved-from Writer starts over
+  EXPECT_EQ(w.size(), sizeof(int));
+
+  std::vector<char> bytes(9 << 20);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 131 + 7);
+  expect_round_trip(bytes);
+  std::vector<double> reals(1 << 20);
+  for (std::size_t i = 0; i < reals.size(); ++i) reals[i] = static_cast<double>(i) / 3;
+  const Bytes encoded = to_bytes(reals);
+  std::vector<double> into{1.0, 2.0};
+  multiproc::Reader r(encoded);
+  multiproc::decode(r, into);
+  EXPECT_EQ(into, reals);
+}
+
 TEST(CodecTest, DecodeIntoExistingContainersReplacesTheirContents) {
   const Bytes bytes = to_bytes(std::map<int, int>{{1, 1}});
   std::map<int, int> m{{5, 5}, {6, 6}};

@@ -117,7 +117,10 @@ class Writer {
  private:
   void reallocate(std::size_t at_least);
 
-  std::unique_ptr<std::byte[]> data_;
+  struct Release {
+    void operator()(std::byte* p) const noexcept;
+  };
+  std::unique_ptr<std::byte[], Release> data_;
   std::size_t size_ = 0;
   std::size_t capacity_ = 0;
 };
@@ -415,6 +418,11 @@ inline constexpr bool is_bitwise_v = (std::is_arithmetic_v<T> && !std::is_same_v
                                      (std::is_trivially_copyable_v<T> && std::is_class_v<T> &&
                                       !is_cereal_serializable_v<T>);
 
+// From this size on, a buffer about to be filled is put on huge pages (prepare_bulk).
+inline constexpr std::size_t kBulkBytes = std::size_t{4} << 20;
+/// Asks for huge pages under [p, p + n), memory not touched yet that is about to be filled.
+void prepare_bulk(void* p, std::size_t n) noexcept;
+
 // Types whose encoding is exactly their sizeof(T) bytes (no codec of their own): a run of them
 // encodes and decodes as one block.
 template <class T>
@@ -445,6 +453,11 @@ struct Codec<std::vector<T, A>> {
     const std::size_t n = r.read_length(detail::min_size_v<T>, sizeof(T));
     if constexpr (detail::is_bitwise_v<T>) {
       auto bytes = r.take(n * sizeof(T));
+      if (n * sizeof(T) >= detail::kBulkBytes && out.capacity() < n) {
+        out = std::vector<T, A>(out.get_allocator());
+        out.reserve(n);
+        detail::prepare_bulk(out.data(), n * sizeof(T));
+      }
       out.resize(n);
       if (n) std::memcpy(out.data(), bytes.data(), bytes.size());
     } else {
