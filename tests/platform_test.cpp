@@ -796,5 +796,10 @@ TEST(Platform, ThreadCountSeesAThreadStartAndEnd) {
   EXPECT_EQ(sys::thread_count(), before + 1);
   go.store(true);
   t.join();
+  // join returns once the thread has cleared its tid, which the kernel does on the way out, a
+  // moment before the thread leaves /proc/self/task.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (sys::thread_count() != before && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(sys::thread_count(), before);
 }
