@@ -1391,15 +1391,15 @@ struct PoolCore::Impl {
     // item since and started nothing after it); otherwise as it last published.
     const std::uint64_t position = w.timed_out ? w.halted_at : w.progress()->position.load(std::memory_order_relaxed);
     const InFlight* running = w.cancel_killed ? nullptr : chunk_at(w, position);
+    const std::uint32_t item = Progress::item_of(position);
     std::vector<Chunk> requeue;
     for (auto& f : w.inflight) {
       if (f.chunk.job->abandoned()) continue;
       // Not started, or already answered up to where the worker stopped (it died between two
       // items, or finished the halted one before the kill): nothing to blame, all to run again.
       // A worker killed for a cancelled call blames nothing of another call either.
-      const std::uint32_t item = Progress::item_of(position);
       if (&f != running || item < f.answered) {
-        if (f.answered < f.chunk.count) requeue.push_back(rest_of(f));
+        requeue.push_back(rest_of(f));
         continue;
       }
       // Items of a batch already answered keep their outcomes; the crash is the next one's.

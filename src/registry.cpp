@@ -109,14 +109,20 @@ struct ModuleSearch {
 // Set in a forked pool worker: the modules as its parent saw them just before the fork.
 const ModuleSnapshot* g_module_snapshot = nullptr;
 
-bool in_executable_segment(const dl_phdr_info* info, std::uintptr_t offset) {
+// Calls fn(begin, end) for each executable segment of the module, offsets from its base; stops
+// at the first call that returns true, and says whether one did.
+template <class Fn>
+bool any_code_segment(const dl_phdr_info* info, Fn fn) {
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& ph = info->dlpi_phdr[i];
-    if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && offset >= ph.p_vaddr && offset < ph.p_vaddr + ph.p_memsz) {
-      return true;
-    }
+    if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && fn(ph.p_vaddr, ph.p_vaddr + ph.p_memsz)) return true;
   }
   return false;
+}
+
+bool in_executable_segment(const dl_phdr_info* info, std::uintptr_t offset) {
+  return any_code_segment(info,
+                          [&](std::uintptr_t begin, std::uintptr_t end) { return offset >= begin && offset < end; });
 }
 
 }  // namespace
@@ -157,10 +163,10 @@ std::shared_ptr<const ModuleSnapshot> snapshot_modules() {
       [](dl_phdr_info* info, std::size_t, void* data) -> int {
         auto& modules = *static_cast<std::vector<ModuleSnapshot::Module>*>(data);
         ModuleSnapshot::Module m{info->dlpi_addr, {}};
-        for (int i = 0; i < info->dlpi_phnum; ++i) {
-          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
-          if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X)) m.code.emplace_back(ph.p_vaddr, ph.p_vaddr + ph.p_memsz);
-        }
+        any_code_segment(info, [&](std::uintptr_t begin, std::uintptr_t end) {
+          m.code.emplace_back(begin, end);
+          return false;
+        });
         modules.push_back(std::move(m));
         return 0;
       },

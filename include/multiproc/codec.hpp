@@ -423,13 +423,10 @@ inline constexpr std::size_t kBulkBytes = std::size_t{4} << 20;
 /// Asks for huge pages under [p, p + n), memory not touched yet that is about to be filled.
 void prepare_bulk(void* p, std::size_t n) noexcept;
 
-// Types whose encoding is exactly their sizeof(T) bytes (no codec of their own): a run of them
-// encodes and decodes as one block.
+// Types whose encoding is exactly their sizeof(T) bytes (bitwise, and no codec of their own): a
+// run of them encodes and decodes as one block.
 template <class T>
-inline constexpr bool encodes_as_bytes_v =
-    (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) ||
-    (std::is_trivially_copyable_v<T> && std::is_class_v<T> && !is_cereal_serializable_v<T> &&
-     !is_std_handled<T>::value);
+inline constexpr bool encodes_as_bytes_v = is_bitwise_v<T> && !is_std_handled<T>::value;
 
 template <class Seq>
 void encode_sequence(Writer& w, const Seq& seq) {

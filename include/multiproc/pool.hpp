@@ -726,6 +726,7 @@ class Pool {
     using Item = std::ranges::range_value_t<R>;
     detail::check_sendable<Fn>();
     if (chunksize == 0) throw InvalidArgument("imap: chunksize must be at least 1");
+    chunksize = std::min(chunksize, kMaxChunkItems);
     const std::size_t window = std::max<std::size_t>(static_cast<std::size_t>(processes()) * 8, 32);
     return ImapRange<V, Fn, Item, false, Ordered>(core(), V(std::forward<R>(inputs)), Fn(f), chunksize, window);
   }
