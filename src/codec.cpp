@@ -54,7 +54,40 @@ std::size_t Reader::read_length(std::size_t min_element_size, std::size_t elemen
 
 void Reader::short_input(std::size_t wanted) const {
   throw SerializationError("truncated input: wanted " + std::to_string(wanted) + " bytes at offset " +
-                           std::to_string(pos_) + ", " + std::to_string(remaining()) + " left");
+                           std::to_string(position()) + ", " + std::to_string(remaining()) + " left");
+}
+
+void Reader::next_piece() {
+  if (source_ == nullptr || more_ == 0) short_input(1);
+  const auto piece = source_->next();
+  if (piece.empty() || piece.size() > more_) {
+    throw ProtocolError("a streamed input's piece of " + std::to_string(piece.size()) + " bytes does not fit the " +
+                        std::to_string(more_) + " bytes still to come");
+  }
+  done_ += bytes_.size();
+  more_ -= piece.size();
+  bytes_ = piece;
+  pos_ = 0;
+}
+
+void Reader::read_across(std::byte* out, std::size_t n) {
+  read_runs(n, [&](std::span<const std::byte> run) {
+    std::memcpy(out, run.data(), run.size());
+    out += run.size();
+  });
+}
+
+std::span<const std::byte> Reader::take_across(std::size_t n) {
+  if (n > remaining()) short_input(n);
+  if (available() == 0) {
+    next_piece();
+    if (n <= available()) return take(n);
+  }
+  Writer& scratch = source_->scratch;
+  scratch.clear();
+  std::byte* at = scratch.grow(n);
+  read_across(at, n);
+  return {at, n};
 }
 
 namespace detail {

@@ -20,6 +20,8 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <span>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -852,6 +854,611 @@ TEST(CodecTest, RandomMutationsDecodeOrThrowSerializationError) {
   }
   EXPECT_EQ(decoded + rejected, 10000);
   EXPECT_GT(rejected, 0);
+}
+
+// ---- streamed input -----------------------------------------------------------------------------
+// A Reader can take its input piece by piece from a Reader::Source. The test source below copies
+// each piece into a fresh allocation of exactly its size and, when the next piece is asked for,
+// overwrites the previous one with 0xAA and frees it: a decoder that keeps a pointer into an earlier
+// piece reads garbage (under ASan: a freed block), one that reads past a piece reads past an
+// allocation, and one that asks for more than there is gets a ProtocolError, never a hang.
+
+using multiproc::ProtocolError;
+
+// How a PieceSource cuts its input: `sizes` over and over, or, when `seed` is not 0, sizes drawn
+// uniformly from [1, max_random] by a generator seeded with it. A size of 0 serves an empty piece.
+struct PiecePlan {
+  std::string name;
+  std::vector<std::size_t> sizes;
+  std::uint64_t seed = 0;
+  std::size_t max_random = 0;
+};
+
+PiecePlan fixed_pieces(std::size_t k) { return {"pieces of " + std::to_string(k) + " bytes", {k}}; }
+PiecePlan listed_pieces(std::vector<std::size_t> sizes) {
+  std::string name = "pieces of";
+  for (std::size_t s : sizes) name += " " + std::to_string(s);
+  return {name, std::move(sizes)};
+}
+PiecePlan random_pieces(std::uint64_t seed, std::size_t max) {
+  return {"random pieces of 1.." + std::to_string(max) + " bytes, seed " + std::to_string(seed), {}, seed, max};
+}
+
+class PieceSource final : public multiproc::Reader::Source {
+ public:
+  PieceSource(std::span<const std::byte> input, PiecePlan plan)
+      : input_(input), plan_(std::move(plan)), rng_(plan_.seed) {}
+  PieceSource(const PieceSource&) = delete;
+  PieceSource& operator=(const PieceSource&) = delete;
+  ~PieceSource() { discard_piece(); }
+
+  std::span<const std::byte> next() override {
+    // A Reader must reject an empty piece; one that asks again instead could loop forever here.
+    if (!sizes_.empty() && sizes_.back() == 0) throw std::logic_error("test source: the reader accepted an empty piece");
+    discard_piece();
+    if (served_ == input_.size()) {
+      throw ProtocolError("test source: asked for a piece after all " + std::to_string(input_.size()) +
+                          " bytes were served");
+    }
+    const std::size_t k = std::min(next_size(), input_.size() - served_);
+    piece_.reset(new std::byte[k == 0 ? 1 : k]);  // exactly k bytes: ASan sees a read past it
+    if (k) std::memcpy(piece_.get(), input_.data() + served_, k);
+    piece_size_ = k;
+    served_ += k;
+    sizes_.push_back(k);
+    return {piece_.get(), k};
+  }
+
+  /// The piece handed out last (empty once the source is done with it).
+  [[nodiscard]] std::span<const std::byte> piece() const { return {piece_.get(), piece_size_}; }
+  [[nodiscard]] std::size_t served() const { return served_; }
+  [[nodiscard]] const std::vector<std::size_t>& sizes() const { return sizes_; }
+
+ private:
+  std::size_t next_size() {
+    if (plan_.seed != 0) return std::uniform_int_distribution<std::size_t>(1, plan_.max_random)(rng_);
+    return plan_.sizes[sizes_.size() % plan_.sizes.size()];
+  }
+  void discard_piece() {
+    if (!piece_) return;
+    std::memset(piece_.get(), 0xAA, piece_size_);
+    piece_.reset();
+    piece_size_ = 0;
+  }
+
+  std::span<const std::byte> input_;
+  PiecePlan plan_;
+  std::mt19937_64 rng_;
+  std::unique_ptr<std::byte[]> piece_;
+  std::size_t piece_size_ = 0;
+  std::size_t served_ = 0;
+  std::vector<std::size_t> sizes_;
+};
+
+// Every plan, for values of up to a few KiB.
+std::vector<PiecePlan> all_plans() {
+  return {fixed_pieces(1),
+          fixed_pieces(2),
+          fixed_pieces(3),
+          fixed_pieces(7),
+          fixed_pieces(64),
+          fixed_pieces(4096),
+          fixed_pieces(256 << 10),
+          listed_pieces({1, 8, 3, 4096, 5, 2}),
+          random_pieces(1, 13),
+          random_pieces(2, 300),
+          random_pieces(3, 70000)};
+}
+// The plans for values of megabytes: no tiny pieces (millions of them would be slow, not better).
+std::vector<PiecePlan> big_plans() {
+  return {fixed_pieces(64),  fixed_pieces(4093), fixed_pieces(4096), fixed_pieces(256 << 10),
+          listed_pieces({1, 7, 65536, 3, 200000}), random_pieces(4, 70000), random_pieces(5, 1 << 20)};
+}
+
+template <class T>
+void expect_streamed_round_trip(const T& value, const std::vector<PiecePlan>& plans) {
+  const Bytes bytes = to_bytes(value);
+  for (const PiecePlan& plan : plans) {
+    SCOPED_TRACE(plan.name + ", " + std::to_string(bytes.size()) + " encoded bytes");
+    PieceSource source(bytes, plan);
+    multiproc::Reader r(source, bytes.size());
+    EXPECT_EQ(r.remaining(), bytes.size());
+    EXPECT_EQ(r.position(), 0u);
+    T decoded{};
+    multiproc::decode(r, decoded);
+    if (bytes.size() <= 4096) {
+      EXPECT_EQ(decoded, value);
+    } else {
+      EXPECT_TRUE(decoded == value);  // no multi-megabyte printout on failure
+    }
+    EXPECT_EQ(r.remaining(), 0u);
+    EXPECT_EQ(r.available(), 0u);
+    EXPECT_EQ(r.position(), bytes.size());
+    EXPECT_EQ(source.served(), bytes.size());
+  }
+}
+
+template <class T>
+void expect_streamed_round_trip(const T& value) {
+  expect_streamed_round_trip(value, all_plans());
+}
+
+template <class Byte>
+std::vector<Byte> byte_pattern(std::size_t n, unsigned salt = 0) {
+  std::vector<Byte> v(n);
+  // Changes every byte and, through i >> 12, from page to page: pieces out of order do not match.
+  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<Byte>(i * 131 + (i >> 12) + salt);
+  return v;
+}
+std::string string_pattern(std::size_t n, unsigned salt = 0) {
+  const auto bytes = byte_pattern<char>(n, salt);
+  return {bytes.begin(), bytes.end()};
+}
+
+// A cereal type with a vector of doubles and a string.
+struct Reading {
+  std::vector<double> values;
+  std::string label;
+  std::int32_t sensor = 0;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(values, label, sensor);
+  }
+  friend bool operator==(const Reading&, const Reading&) = default;
+};
+
+TEST(CodecStreamTest, StringsRoundTripThroughPieces) {
+  expect_streamed_round_trip(std::string());
+  expect_streamed_round_trip(std::string("streamed"));
+  static constexpr char kOdd[] = "nul\0inside and \xAA\xAA poison-like bytes";
+  expect_streamed_round_trip(std::string(kOdd, sizeof kOdd - 1));
+  expect_streamed_round_trip(string_pattern(5000));
+  expect_streamed_round_trip(string_pattern(3 << 20, 1), big_plans());
+  expect_streamed_round_trip(std::u16string());
+  expect_streamed_round_trip(std::u16string(u"h\u00e9llo, w\u00f6rld \u2603"));
+  std::u16string wide(1001, u'\0');
+  for (std::size_t i = 0; i < wide.size(); ++i) wide[i] = static_cast<char16_t>(i * 40503u);
+  expect_streamed_round_trip(wide);
+}
+
+TEST(CodecStreamTest, ByteVectorsRoundTripThroughPieces) {
+  expect_streamed_round_trip(std::vector<char>());
+  expect_streamed_round_trip(byte_pattern<char>(1000));
+  expect_streamed_round_trip(std::vector<unsigned char>());
+  expect_streamed_round_trip(byte_pattern<unsigned char>(777, 3));
+  expect_streamed_round_trip(std::vector<std::byte>());
+  expect_streamed_round_trip(byte_pattern<std::byte>(300, 5));
+  // Over detail::kBulkBytes (4 MiB): the decoded vector takes the bulk allocation path.
+  expect_streamed_round_trip(byte_pattern<char>(5 << 20, 7), big_plans());
+  expect_streamed_round_trip(byte_pattern<unsigned char>((4 << 20) + 3, 9), {fixed_pieces(4096), random_pieces(6, 70000)});
+  expect_streamed_round_trip(byte_pattern<std::byte>((4 << 20) + 1, 11), {fixed_pieces(4093), random_pieces(7, 70000)});
+}
+
+TEST(CodecStreamTest, BitwiseVectorsRoundTripThroughPieces) {
+  std::vector<double> reals(1001);
+  for (std::size_t i = 0; i < reals.size(); ++i) reals[i] = static_cast<double>(i) / 3 - 100;
+  expect_streamed_round_trip(reals);
+  expect_streamed_round_trip(std::vector<double>());
+  std::vector<std::int16_t> shorts(1001);  // odd: 2002 bytes, elements split by odd pieces
+  for (std::size_t i = 0; i < shorts.size(); ++i) shorts[i] = static_cast<std::int16_t>(i * 7919);
+  expect_streamed_round_trip(shorts);
+  std::vector<std::int16_t> big_shorts(((4 << 20) + 2) / 2 + 1);  // over the bulk threshold, odd count
+  for (std::size_t i = 0; i < big_shorts.size(); ++i) big_shorts[i] = static_cast<std::int16_t>(i * 7919 + (i >> 11));
+  expect_streamed_round_trip(big_shorts, {fixed_pieces(4093), random_pieces(8, 70000)});
+  expect_streamed_round_trip(std::vector<Trivial>{{1, 2.5, {'a', 'b', 'c', 'd', 'e'}, Color::blue},
+                                                  {-7, -0.0, {0, 1, 2, 3, 4}, Color::red}});
+}
+
+TEST(CodecStreamTest, FixedSizeValuesRoundTripThroughPieces) {
+  expect_streamed_round_trip(std::int64_t{-1234567890123});
+  expect_streamed_round_trip(3.25);
+  expect_streamed_round_trip(true);
+  expect_streamed_round_trip(Color::green);
+  expect_streamed_round_trip(Trivial{42, -1.5, {'x', 'y', '\0', 'z', '\xAA'}, Color::blue});
+  expect_streamed_round_trip(std::array<int, 5>{1, -2, 3, -4, 0x7FFFFFFF});
+  expect_streamed_round_trip(std::array<std::string, 3>{"a", "", "ccc"});
+  expect_streamed_round_trip(std::monostate{});
+}
+
+TEST(CodecStreamTest, NestedValuesRoundTripThroughPieces) {
+  std::map<std::string, std::vector<int>> m{{"", {}}, {"one", {1}}, {"many", {}}, {std::string(100, 'k'), {-1, 0, 1}}};
+  for (int i = 0; i < 300; ++i) m["many"].push_back(i * i - 5000);
+  expect_streamed_round_trip(m);
+  expect_streamed_round_trip(std::optional<std::string>());
+  expect_streamed_round_trip(std::optional<std::string>("present"));
+  expect_streamed_round_trip(std::optional<std::vector<char>>(byte_pattern<char>(99)));
+  using V = std::variant<int, std::string, std::vector<char>, std::monostate>;
+  expect_streamed_round_trip(V(17));
+  expect_streamed_round_trip(V(std::string("variant string")));
+  expect_streamed_round_trip(V(byte_pattern<char>(123, 1)));
+  expect_streamed_round_trip(V(std::monostate{}));
+  using Tup = std::tuple<int, std::string, std::vector<char>>;
+  expect_streamed_round_trip(Tup{-9, "tuple", byte_pattern<char>(211, 2)});
+  expect_streamed_round_trip(Tup{0, "", {}});
+  expect_streamed_round_trip(Tup{1, string_pattern(1 << 20, 3), byte_pattern<char>((4 << 20) + 5, 4)}, big_plans());
+  expect_streamed_round_trip(sample_nested());
+  expect_streamed_round_trip(sample_corruptible());
+  expect_streamed_round_trip(std::vector<std::vector<char>>{byte_pattern<char>(5), {}, byte_pattern<char>(70, 1)});
+}
+
+TEST(CodecStreamTest, CerealTypesRoundTripThroughPieces) {
+  Reading reading{{1.5, -2.25, 1e300, 0.0}, "temperature", 12};
+  expect_streamed_round_trip(reading);
+  expect_streamed_round_trip(Reading{});
+  Reading big;
+  big.values.resize(100000);
+  for (std::size_t i = 0; i < big.values.size(); ++i) big.values[i] = static_cast<double>(i) * 0.5;
+  big.label = string_pattern(100001, 9);
+  big.sensor = -3;
+  expect_streamed_round_trip(big, {fixed_pieces(7), fixed_pieces(4096), random_pieces(9, 300), random_pieces(10, 70000)});
+  expect_streamed_round_trip(sample_person(3));
+  expect_streamed_round_trip(std::vector<Reading>{reading, Reading{}, reading});
+}
+
+// Bytes 0, 1, 2, ... as the raw input for take() and read_runs().
+Bytes counting_bytes(std::size_t n) {
+  Bytes b(n);
+  for (std::size_t i = 0; i < n; ++i) b[i] = static_cast<std::byte>(i);
+  return b;
+}
+
+bool is_counting_from(std::span<const std::byte> run, std::size_t first) {
+  for (std::size_t i = 0; i < run.size(); ++i) {
+    if (run[i] != static_cast<std::byte>(first + i)) return false;
+  }
+  return true;
+}
+
+bool points_into(std::span<const std::byte> inner, std::span<const std::byte> outer) {
+  return !inner.empty() && inner.data() >= outer.data() && inner.data() + inner.size() <= outer.data() + outer.size();
+}
+
+TEST(CodecStreamTest, FetchesAPieceOnlyWhenDecodingReachesIt) {
+  multiproc::Writer w;
+  multiproc::encode_all(w, std::int32_t{11}, std::int32_t{22}, std::int32_t{33});
+  PieceSource source(w.bytes(), fixed_pieces(4));
+  multiproc::Reader r(source, w.size());
+  EXPECT_EQ(source.sizes().size(), 0u);
+  EXPECT_EQ(multiproc::decode<std::int32_t>(r), 11);
+  EXPECT_EQ(source.sizes().size(), 1u);
+  EXPECT_EQ(r.available(), 0u);
+  EXPECT_EQ(r.remaining(), 8u);
+  EXPECT_EQ(r.position(), 4u);
+  EXPECT_EQ(multiproc::decode<std::int32_t>(r), 22);
+  EXPECT_EQ(source.sizes().size(), 2u);
+  EXPECT_EQ(r.position(), 8u);
+  EXPECT_EQ(multiproc::decode<std::int32_t>(r), 33);
+  EXPECT_EQ(r.remaining(), 0u);
+  EXPECT_EQ(r.position(), 12u);
+  EXPECT_THROW((void)multiproc::decode<std::int32_t>(r), SerializationError);  // not a fetch past the end
+  EXPECT_EQ(source.sizes().size(), 3u);
+}
+
+TEST(CodecStreamTest, TakeAcrossPieceBoundariesReturnsTheRightBytes) {
+  const Bytes input = counting_bytes(200);
+  PieceSource source(input, listed_pieces({10, 10, 30, 50, 100}));  // boundaries at 10, 20, 50, 100
+  multiproc::Reader r(source, input.size());
+
+  auto t = r.take(5);  // inside piece 0: not copied
+  EXPECT_TRUE(is_counting_from(t, 0));
+  EXPECT_EQ(t.size(), 5u);
+  EXPECT_TRUE(points_into(t, source.piece()));
+  EXPECT_EQ(r.position(), 5u);
+  EXPECT_EQ(r.available(), 5u);
+
+  t = r.take(10);  // 5..14 spans pieces 0 and 1: assembled in scratch
+  ASSERT_EQ(t.size(), 10u);
+  EXPECT_TRUE(is_counting_from(t, 5));
+  EXPECT_EQ(t.data(), source.scratch.data());
+  EXPECT_EQ(r.position(), 15u);
+  EXPECT_EQ(r.remaining(), 185u);
+
+  t = r.take(5);  // 15..19, the rest of piece 1: not copied
+  EXPECT_TRUE(is_counting_from(t, 15));
+  EXPECT_TRUE(points_into(t, source.piece()));
+  EXPECT_EQ(r.available(), 0u);
+
+  t = r.take(30);  // exactly piece 2, reached at a boundary: not copied
+  ASSERT_EQ(t.size(), 30u);
+  EXPECT_TRUE(is_counting_from(t, 20));
+  EXPECT_TRUE(points_into(t, source.piece()));
+
+  t = r.take(0);
+  EXPECT_EQ(t.size(), 0u);
+  EXPECT_EQ(r.position(), 50u);
+
+  t = r.take(60);  // 50..109, starting at a boundary but longer than piece 3 (50..99)
+  ASSERT_EQ(t.size(), 60u);
+  EXPECT_TRUE(is_counting_from(t, 50));
+  EXPECT_EQ(t.data(), source.scratch.data());
+  EXPECT_EQ(r.position(), 110u);
+
+  EXPECT_THROW((void)r.take(91), SerializationError);  // one more than is left
+  t = r.take(90);                                       // the rest, inside the last piece
+  EXPECT_TRUE(is_counting_from(t, 110));
+  EXPECT_EQ(r.remaining(), 0u);
+  EXPECT_EQ(r.position(), 200u);
+  EXPECT_THROW((void)r.take(1), SerializationError);
+
+  // A take over three pieces and more, then one right after that fits: each starts where the last ended.
+  PieceSource tiny(input, fixed_pieces(3));
+  multiproc::Reader tr(tiny, input.size());
+  std::size_t at = 0;
+  for (std::size_t n : {1u, 11u, 2u, 3u, 40u, 1u, 0u, 7u, 100u, 35u}) {
+    t = tr.take(n);
+    ASSERT_EQ(t.size(), n);
+    EXPECT_TRUE(is_counting_from(t, at)) << "take(" << n << ") at " << at;
+    at += n;
+    EXPECT_EQ(tr.position(), at);
+  }
+  EXPECT_EQ(at, 200u);
+  EXPECT_EQ(tr.remaining(), 0u);
+}
+
+TEST(CodecStreamTest, ReadRunsDeliversEachPieceInOrderWithoutCopying) {
+  const Bytes input = counting_bytes(100);
+  PieceSource source(input, listed_pieces({10, 10, 30, 50}));
+  multiproc::Reader r(source, input.size());
+  std::byte first[3];
+  r.read_bytes(first, 3);
+  EXPECT_TRUE(is_counting_from(first, 0));
+
+  Bytes got;
+  std::vector<std::size_t> runs;
+  bool all_in_current_piece = true;
+  r.read_runs(90, [&](std::span<const std::byte> run) {
+    runs.push_back(run.size());
+    all_in_current_piece = all_in_current_piece && points_into(run, source.piece());
+    got.insert(got.end(), run.begin(), run.end());  // copied now: the piece goes at the next fetch
+  });
+  EXPECT_EQ(runs, (std::vector<std::size_t>{7, 10, 30, 43}));
+  EXPECT_TRUE(all_in_current_piece);
+  EXPECT_EQ(got.size(), 90u);
+  EXPECT_TRUE(is_counting_from(got, 3));
+  EXPECT_EQ(r.position(), 93u);
+  EXPECT_EQ(r.remaining(), 7u);
+
+  bool called = false;
+  EXPECT_THROW(r.read_runs(8, [&](std::span<const std::byte>) { called = true; }), SerializationError);
+  EXPECT_FALSE(called);  // checked before anything is handed out
+  runs.clear();
+  got.clear();
+  r.read_runs(0, [&](std::span<const std::byte> run) { runs.push_back(run.size()); });
+  EXPECT_TRUE(runs.empty());
+  r.read_runs(7, [&](std::span<const std::byte> run) {
+    runs.push_back(run.size());
+    got.insert(got.end(), run.begin(), run.end());
+  });
+  EXPECT_EQ(runs, std::vector<std::size_t>{7});
+  EXPECT_TRUE(is_counting_from(got, 93));
+  EXPECT_EQ(r.remaining(), 0u);
+  EXPECT_EQ(source.sizes(), (std::vector<std::size_t>{10, 10, 30, 50}));
+
+  // Random pieces: the runs are the pieces.
+  const Bytes long_input = counting_bytes(100000);
+  PieceSource random(long_input, random_pieces(11, 3000));
+  multiproc::Reader rr(random, long_input.size());
+  runs.clear();
+  got.clear();
+  rr.read_runs(long_input.size(), [&](std::span<const std::byte> run) {
+    runs.push_back(run.size());
+    got.insert(got.end(), run.begin(), run.end());
+  });
+  EXPECT_EQ(runs, random.sizes());
+  EXPECT_TRUE(got == long_input);
+
+  // A plain Reader hands out one run.
+  multiproc::Reader plain(input);
+  runs.clear();
+  plain.read_runs(100, [&](std::span<const std::byte> run) {
+    runs.push_back(run.size());
+    EXPECT_EQ(run.data(), input.data());
+  });
+  EXPECT_EQ(runs, std::vector<std::size_t>{100});
+}
+
+// Decodes a T from `input` served by `plan`, with the Reader told `total` bytes are coming. Returns
+// "ok", "SerializationError" or "ProtocolError"; any other exception escapes and fails the test.
+template <class T>
+std::string streamed_outcome(std::span<const std::byte> input, std::size_t total, const PiecePlan& plan) {
+  PieceSource source(input, plan);
+  multiproc::Reader r(source, total);
+  try {
+    (void)multiproc::decode<T>(r);
+    return "ok";
+  } catch (const SerializationError&) {
+    return "SerializationError";
+  } catch (const ProtocolError&) {
+    return "ProtocolError";
+  }
+}
+
+template <class T>
+void expect_short_sources_throw(const T& value, std::size_t step, const std::vector<PiecePlan>& plans) {
+  const Bytes bytes = to_bytes(value);
+  for (const PiecePlan& plan : plans) {
+    for (std::size_t cut = 0; cut < bytes.size(); cut += step) {
+      const auto start = std::chrono::steady_clock::now();
+      const std::string outcome = streamed_outcome<T>(std::span(bytes).first(cut), bytes.size(), plan);
+      EXPECT_NE(outcome, "ok") << plan.name << ", source cut at " << cut << " of " << bytes.size();
+      EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
+    }
+  }
+}
+
+TEST(CodecStreamTest, SourceShorterThanTotalThrows) {
+  const std::vector<PiecePlan> plans{fixed_pieces(1), fixed_pieces(7), fixed_pieces(64), random_pieces(12, 40)};
+  expect_short_sources_throw(byte_pattern<char>(300), 1, plans);
+  expect_short_sources_throw(string_pattern(300), 1, plans);
+  expect_short_sources_throw(std::u16string(u"sixteen bit"), 1, plans);
+  expect_short_sources_throw(std::vector<double>{1, 2, 3, 4, 5}, 1, plans);
+  expect_short_sources_throw(std::tuple<int, std::string, std::vector<char>>{1, "two", byte_pattern<char>(30)}, 1, plans);
+  expect_short_sources_throw(sample_nested(), 1, plans);
+  expect_short_sources_throw(sample_person(4), 1, plans);
+  expect_short_sources_throw(sample_corruptible(), 5, plans);
+  expect_short_sources_throw(byte_pattern<char>(5 << 20), (1 << 20) + 3, {fixed_pieces(4096), random_pieces(13, 70000)});
+  // A source with nothing at all.
+  EXPECT_EQ(streamed_outcome<std::int64_t>({}, 8, fixed_pieces(4)), "ProtocolError");
+}
+
+TEST(CodecStreamTest, TotalShorterThanTheEncodingThrowsSerializationError) {
+  // The source holds the whole encoding but the Reader is told fewer bytes: with pieces of one
+  // byte no piece can overrun, so every total short of the encoding is a truncated input.
+  const auto check = [](const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    const Bytes bytes = to_bytes(value);
+    for (std::size_t total = 0; total < bytes.size(); ++total) {
+      EXPECT_EQ(streamed_outcome<T>(bytes, total, fixed_pieces(1)), "SerializationError") << total;
+      const std::string cut = streamed_outcome<T>(bytes, total, fixed_pieces(5));
+      EXPECT_TRUE(cut == "SerializationError" || cut == "ProtocolError") << total << ": " << cut;
+    }
+    EXPECT_EQ(streamed_outcome<T>(bytes, bytes.size(), fixed_pieces(1)), "ok");
+  };
+  check(byte_pattern<char>(50));
+  check(string_pattern(50));
+  check(std::vector<std::int16_t>{1, 2, 3});
+  check(sample_nested());
+  check(sample_person(5));
+}
+
+TEST(CodecStreamTest, PieceLargerThanWhatRemainsThrowsProtocolError) {
+  multiproc::Writer w;
+  multiproc::encode_all(w, std::uint64_t{1}, std::uint64_t{2});
+  // One piece of 16 bytes when 12 are announced.
+  EXPECT_EQ(streamed_outcome<std::uint64_t>(w.bytes(), 12, fixed_pieces(16)), "ProtocolError");
+  // The second piece overruns: the first value decodes, the second (which fits the 4 bytes
+  // announced) meets a piece of 8.
+  {
+    PieceSource source(w.bytes(), fixed_pieces(8));
+    multiproc::Reader r(source, 12);
+    EXPECT_EQ(multiproc::decode<std::uint64_t>(r), 1u);
+    EXPECT_THROW((void)multiproc::decode<std::uint32_t>(r), ProtocolError);
+  }
+  // Inside a byte vector's run: the source holds a byte more than the 108 announced, so after
+  // pieces of 50 and 50 the last one is 9 bytes for the 8 still to come.
+  Bytes vec = to_bytes(byte_pattern<char>(100));
+  vec.push_back(std::byte{0x55});
+  EXPECT_EQ(streamed_outcome<std::vector<char>>(vec, vec.size() - 1, fixed_pieces(50)), "ProtocolError");
+  EXPECT_EQ(streamed_outcome<std::string>(vec, vec.size() - 1, fixed_pieces(50)), "ProtocolError");
+  EXPECT_EQ(streamed_outcome<std::vector<char>>(vec, vec.size() - 1, fixed_pieces(54)), "ok");  // 54 + 54
+  // Inside take() and read_runs().
+  {
+    PieceSource source(vec, fixed_pieces(60));
+    multiproc::Reader r(source, 100);
+    EXPECT_THROW((void)r.take(100), ProtocolError);
+  }
+  {
+    PieceSource source(vec, fixed_pieces(60));
+    multiproc::Reader r(source, 100);
+    EXPECT_THROW(r.read_runs(100, [](std::span<const std::byte>) {}), ProtocolError);
+  }
+}
+
+TEST(CodecStreamTest, EmptyPieceThrowsProtocolError) {
+  const Bytes bytes = to_bytes(std::uint64_t{0x0123456789ABCDEF});
+  EXPECT_EQ(streamed_outcome<std::uint64_t>(bytes, 8, fixed_pieces(0)), "ProtocolError");
+  EXPECT_EQ(streamed_outcome<std::uint64_t>(bytes, 8, listed_pieces({4, 0, 4})), "ProtocolError");
+  EXPECT_EQ(streamed_outcome<std::uint64_t>(bytes, 8, listed_pieces({4, 4})), "ok");
+  const Bytes vec = to_bytes(byte_pattern<char>(100));
+  EXPECT_EQ(streamed_outcome<std::vector<char>>(vec, vec.size(), listed_pieces({8, 50, 0, 50})), "ProtocolError");
+  const Bytes str = to_bytes(string_pattern(100));
+  EXPECT_EQ(streamed_outcome<std::string>(str, str.size(), listed_pieces({9, 0})), "ProtocolError");
+  PieceSource source(vec, listed_pieces({5, 0}));
+  multiproc::Reader r(source, vec.size());
+  EXPECT_THROW((void)r.take(6), ProtocolError);
+}
+
+template <class T>
+void expect_corrupt_count_throws_without_allocating(std::size_t element_size) {
+  for (const std::uint64_t count :
+       {std::uint64_t{0}, std::uint64_t{1} << 40, std::uint64_t{1} << 63, ~std::uint64_t{0}, std::uint64_t{0xFFFFFFFF}}) {
+    // The count, then 1000 bytes: total is 1008, so any count over 1000 / element_size is corrupt.
+    multiproc::Writer w;
+    const std::uint64_t bad = count == 0 ? 1000 / element_size + 1 : count;
+    w.write_value(bad);
+    const Bytes filler = counting_bytes(1000);
+    w.write_bytes(filler.data(), filler.size());
+    for (const PiecePlan& plan : {fixed_pieces(3), fixed_pieces(4096), random_pieces(14, 100)}) {
+      g_largest_allocation = 0;
+      const auto start = std::chrono::steady_clock::now();
+      EXPECT_EQ(streamed_outcome<T>(w.bytes(), w.size(), plan), "SerializationError") << plan.name << ", count " << bad;
+      EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(100));
+      if (!CODECTEST_TSAN) {
+        // The pieces themselves (at most 1008 bytes) and the error message, nothing near the count.
+        EXPECT_LT(g_largest_allocation.load(), 4096u + 1008u) << plan.name << ", count " << bad;
+      }
+    }
+  }
+}
+
+TEST(CodecStreamTest, CorruptLengthFieldThrowsSerializationErrorWithoutAllocating) {
+  expect_corrupt_count_throws_without_allocating<std::vector<char>>(1);
+  expect_corrupt_count_throws_without_allocating<std::vector<unsigned char>>(1);
+  expect_corrupt_count_throws_without_allocating<std::vector<std::byte>>(1);
+  expect_corrupt_count_throws_without_allocating<std::string>(1);
+  expect_corrupt_count_throws_without_allocating<std::u16string>(2);
+  expect_corrupt_count_throws_without_allocating<std::vector<std::int16_t>>(2);
+  expect_corrupt_count_throws_without_allocating<std::vector<double>>(8);
+  expect_corrupt_count_throws_without_allocating<std::vector<std::string>>(8);
+  expect_corrupt_count_throws_without_allocating<Reading>(8);  // cereal: the vector's count comes first
+}
+
+// Decoding a byte vector into one that already has room reuses it: every size, up and down, must
+// come out exact, with no byte left from the value before.
+template <class Vec>
+void expect_reused_decodes(bool streamed) {
+  using Byte = typename Vec::value_type;
+  Vec out;
+  unsigned salt = 0;
+  for (const std::size_t n : {std::size_t{1000}, std::size_t{10}, std::size_t{500}, std::size_t{0}, std::size_t{5000},
+                              std::size_t{3}, std::size_t{4999}, std::size_t{5001}}) {
+    Vec expected;
+    const auto pattern = byte_pattern<Byte>(n, ++salt);
+    expected.assign(pattern.begin(), pattern.end());
+    const Bytes bytes = to_bytes(expected);
+    const auto capacity_before = out.capacity();
+    if (streamed) {
+      PieceSource source(bytes, fixed_pieces(7));
+      multiproc::Reader r(source, bytes.size());
+      multiproc::decode(r, out);
+      EXPECT_EQ(r.remaining(), 0u);
+    } else {
+      multiproc::Reader r(bytes);
+      multiproc::decode(r, out);
+      EXPECT_EQ(r.remaining(), 0u);
+      EXPECT_EQ(r.position(), bytes.size());
+    }
+    EXPECT_EQ(out.size(), n);
+    EXPECT_TRUE(out == expected) << n << " bytes into a capacity of " << capacity_before;
+  }
+}
+
+TEST(CodecStreamTest, DecodingIntoAVectorWithCapacityReplacesItsContents) {
+  expect_reused_decodes<std::vector<char>>(false);
+  expect_reused_decodes<std::vector<unsigned char>>(false);
+  expect_reused_decodes<std::vector<std::byte>>(false);
+  expect_reused_decodes<std::string>(false);
+  expect_reused_decodes<std::vector<char>>(true);
+  expect_reused_decodes<std::string>(true);
+  // Over the bulk threshold, then smaller but still over it, into the room the first one left.
+  std::vector<char> out;
+  for (const std::size_t n : {std::size_t{5} << 20, (std::size_t{9} << 19) + 1}) {
+    const auto expected = byte_pattern<char>(n, static_cast<unsigned>(n));
+    const Bytes bytes = to_bytes(expected);
+    multiproc::Reader r(bytes);
+    multiproc::decode(r, out);
+    EXPECT_TRUE(out == expected) << n;
+  }
+  // Other bitwise vectors, shrinking and growing.
+  std::vector<double> reals{9, 9, 9, 9, 9, 9};
+  for (const std::size_t n : {2u, 5u, 0u, 40u}) {
+    std::vector<double> expected(n);
+    for (std::size_t i = 0; i < n; ++i) expected[i] = static_cast<double>(i) + 0.5;
+    const Bytes bytes = to_bytes(expected);
+    multiproc::Reader r(bytes);
+    multiproc::decode(r, reals);
+    EXPECT_EQ(reals, expected);
+  }
 }
 
 }  // namespace

@@ -125,14 +125,34 @@ class Writer {
   std::size_t capacity_ = 0;
 };
 
-/// A bounds-checked view of bytes that values are decoded from.
+/// A bounds-checked view of bytes that values are decoded from: one span, or an input that
+/// arrives piece by piece from a Source (a large frame streamed through shared memory).
 class Reader {
  public:
+  /// Where a streamed Reader's pieces come from.
+  class Source {
+   public:
+    /// The next piece of the input, not empty. The piece handed out before it may be gone: a
+    /// Reader never returns to it.
+    virtual std::span<const std::byte> next() = 0;
+    /// Where take() assembles a run that spans pieces.
+    Writer scratch;
+
+   protected:
+    ~Source() = default;
+  };
+
   explicit Reader(std::span<const std::byte> bytes) noexcept : bytes_(bytes) {}
+  /// `total` bytes, read from `source` piece by piece as decoding reaches them.
+  Reader(Source& source, std::size_t total) noexcept : source_(&source), more_(total) {}
 
   void read_bytes(void* out, std::size_t n) {
-    const auto from = take(n);
-    if (n) std::memcpy(out, from.data(), n);  // `out` may be null when n is 0
+    if (n > available()) [[unlikely]] {
+      read_across(static_cast<std::byte*>(out), n);
+      return;
+    }
+    if (n) std::memcpy(out, bytes_.data() + pos_, n);  // `out` may be null when n is 0
+    pos_ += n;
   }
   template <class T>
     requires std::is_trivially_copyable_v<T>
@@ -141,12 +161,26 @@ class Reader {
     read_bytes(std::addressof(value), sizeof(T));
     return value;
   }
-  /// The next `n` bytes, without copying.
+  /// The next `n` bytes, without copying when they are in one piece. The span is valid until the
+  /// next call on this Reader.
   std::span<const std::byte> take(std::size_t n) {
-    if (n > remaining()) short_input(n);
+    if (n > available()) [[unlikely]] return take_across(n);
     auto out = bytes_.subspan(pos_, n);
     pos_ += n;
     return out;
+  }
+  /// The next `n` bytes as contiguous runs, in order, to `sink(std::span<const std::byte>)`: one
+  /// run unless the input arrives in pieces. Nothing is copied on the way.
+  template <class Sink>
+  void read_runs(std::size_t n, Sink&& sink) {
+    if (n > remaining()) short_input(n);
+    while (n != 0) {
+      if (available() == 0) next_piece();
+      const std::size_t k = std::min(n, available());
+      sink(bytes_.subspan(pos_, k));
+      pos_ += k;
+      n -= k;
+    }
   }
   /// Reads an element count and checks it against what is left: every element takes at least
   /// `min_element_size` bytes, so a corrupt count cannot make the decoder allocate more than the
@@ -156,14 +190,24 @@ class Reader {
   std::size_t read_length(std::size_t min_element_size, std::size_t element_bytes = 1);
   static constexpr std::size_t kEmptyBudget = std::size_t{1} << 20;
 
-  [[nodiscard]] std::size_t remaining() const noexcept { return bytes_.size() - pos_; }
-  [[nodiscard]] std::size_t position() const noexcept { return pos_; }
+  /// Bytes left in the whole input.
+  [[nodiscard]] std::size_t remaining() const noexcept { return available() + more_; }
+  /// Bytes left that are contiguous from here (all of remaining() unless the input is streamed).
+  [[nodiscard]] std::size_t available() const noexcept { return bytes_.size() - pos_; }
+  /// Bytes read so far.
+  [[nodiscard]] std::size_t position() const noexcept { return done_ + pos_; }
 
  private:
   [[noreturn]] void short_input(std::size_t wanted) const;
+  void next_piece();
+  void read_across(std::byte* out, std::size_t n);
+  std::span<const std::byte> take_across(std::size_t n);
 
   std::span<const std::byte> bytes_;
   std::size_t pos_ = 0;
+  Source* source_ = nullptr;
+  std::size_t more_ = 0;  // bytes still to come from source_
+  std::size_t done_ = 0;  // bytes of earlier pieces
   std::size_t empty_budget_ = kEmptyBudget;
 };
 
@@ -390,6 +434,14 @@ struct Codec<bool> {
   }
 };
 
+namespace detail {
+// Types through which any byte may be read: a run of received bytes is an array of them, so a
+// container of them is filled straight from the input, with no zeroing first.
+template <class T>
+inline constexpr bool is_byte_like_v =
+    std::is_same_v<T, char> || std::is_same_v<T, unsigned char> || std::is_same_v<T, std::byte>;
+}  // namespace detail
+
 // ---- strings ---------------------------------------------------------------------------------
 template <class C, class Tr, class A>
   requires std::is_trivially_copyable_v<C>
@@ -401,9 +453,16 @@ struct Codec<std::basic_string<C, Tr, A>> {
   }
   static void decode(Reader& r, std::basic_string<C, Tr, A>& out) {
     const std::size_t n = r.read_length(sizeof(C));
-    auto bytes = r.take(n * sizeof(C));
-    out.resize(n);
-    std::memcpy(out.data(), bytes.data(), bytes.size());
+    if constexpr (detail::is_byte_like_v<C>) {
+      out.clear();
+      out.reserve(n);
+      r.read_runs(n, [&](std::span<const std::byte> run) {
+        out.append(reinterpret_cast<const C*>(run.data()), run.size());
+      });
+    } else {
+      out.resize(n);
+      r.read_bytes(out.data(), n * sizeof(C));
+    }
   }
 };
 template <class C, class Tr, class A>
@@ -449,14 +508,23 @@ struct Codec<std::vector<T, A>> {
   static void decode(Reader& r, std::vector<T, A>& out) {
     const std::size_t n = r.read_length(detail::min_size_v<T>, sizeof(T));
     if constexpr (detail::is_bitwise_v<T>) {
-      auto bytes = r.take(n * sizeof(T));
-      if (n * sizeof(T) >= detail::kBulkBytes && out.capacity() < n) {
+      const std::size_t bytes = n * sizeof(T);
+      if (out.capacity() < n) {
         out = std::vector<T, A>(out.get_allocator());
         out.reserve(n);
-        detail::prepare_bulk(out.data(), n * sizeof(T));
+        if (bytes >= detail::kBulkBytes) detail::prepare_bulk(out.data(), bytes);
       }
-      out.resize(n);
-      if (n) std::memcpy(out.data(), bytes.data(), bytes.size());
+      if constexpr (detail::is_byte_like_v<T>) {
+        // Appended run by run: each byte is written once (resize() would zero it first).
+        out.clear();
+        r.read_runs(bytes, [&](std::span<const std::byte> run) {
+          const T* from = reinterpret_cast<const T*>(run.data());
+          out.insert(out.end(), from, from + run.size());
+        });
+      } else {
+        out.resize(n);
+        r.read_bytes(out.data(), bytes);
+      }
     } else {
       out.clear();
       // Reserve no more than a small multiple of the input in memory: a corrupt count of large

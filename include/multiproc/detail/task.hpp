@@ -278,7 +278,7 @@ struct Invoker {
   static std::uint32_t invoke_in_place(Fn& f, Reader& request, std::uint32_t from, std::uint32_t count, Writer& reply,
                                        const TaskContext& ctx) {
     constexpr std::size_t step = 1 + sizeof(Result);
-    if (request.remaining() / sizeof(Item) < count - from) return from;
+    if (request.available() / sizeof(Item) < count - from) return from;
     const std::byte* in = request.take(0).data();
     const std::size_t mark = reply.size();
     std::byte* out = reply.grow(std::size_t{count - from} * step);
