@@ -26,8 +26,11 @@ enum class FrameTag : std::uint16_t {
   on_socket = 8,    // in a frame ring: the frame with this id is too large for the ring and comes
                     // over the socket instead
   quit = 9,         // parent -> worker: leave (the pool is closing, or the worker idled too long)
+  streamed = 10,    // in a frame ring: a task frame too large for the ring follows in `piece`
+                    // frames of the same id; the payload is its length (u64)
+  piece = 11,       // in a frame ring: the next bytes of a streamed frame's payload
 };
-inline constexpr std::uint16_t kMaxFrameTag = 9;
+inline constexpr std::uint16_t kMaxFrameTag = 11;
 
 struct FrameHeader {
   std::uint32_t magic;

@@ -163,6 +163,36 @@ void finish_chunk(Chunk& c) {
   c.items_end = c.request.size();
 }
 
+void materialize(Chunk& c) {
+  if (c.borrowed.empty()) return;
+  // Request offsets after a borrowed run move by its size.
+  auto moved = [&](std::size_t offset) {
+    std::size_t shift = 0;
+    for (const auto& b : c.borrowed) {
+      if (b.at <= offset) shift += b.size;
+    }
+    return offset + shift;
+  };
+  Writer full(c.request.size() + c.borrowed_bytes);
+  std::size_t at = 0;
+  for (const auto& b : c.borrowed) {
+    full.write_bytes(c.request.data() + at, b.at - at);
+    full.write_bytes(b.data, b.size);
+    at = b.at;
+  }
+  full.write_bytes(c.request.data() + at, c.request.size() - at);
+  for (auto& offset : c.item_offsets) offset = moved(offset);
+  if (c.item_size == 0) {
+    c.items_end = moved(c.items_end);
+  } else {
+    c.items_begin = moved(c.items_begin);
+    c.items_end = moved(c.items_end);
+  }
+  c.request = std::move(full);
+  c.borrowed.clear();
+  c.borrowed_bytes = 0;
+}
+
 // A halted worker is about to be SIGKILLed by its parent; sleeping keeps it from starting
 // anything the parent would have to account for.
 void Progress::wait_to_be_killed() noexcept {
@@ -172,7 +202,8 @@ void Progress::wait_to_be_killed() noexcept {
 namespace {
 
 // Items [from, to) of `c` as a chunk of their own.
-Chunk sub_chunk(const Chunk& c, std::uint32_t from, std::uint32_t to) {
+Chunk sub_chunk(Chunk& c, std::uint32_t from, std::uint32_t to) {
+  materialize(c);
   Chunk out;
   out.job = c.job;
   out.first = c.first + from;
@@ -265,6 +296,10 @@ static_assert(sizeof(WorkerShared) <= kRequestRingOffset);
 // time a caller needs between one call and the next.
 constexpr auto kWorkerSpin = std::chrono::microseconds(100);
 constexpr auto kParentSpin = std::chrono::microseconds(100);
+// A streamed request goes in pieces of this size (a quarter of the ring: the worker decodes one
+// while the parent writes the next ones), each side spinning this long for the other first.
+constexpr std::size_t kPieceBytes = kRingCapacity / 4 - 64;
+constexpr auto kStreamSpin = std::chrono::microseconds(100);
 
 // ---- the worker process ----------------------------------------------------------------------
 
@@ -295,7 +330,8 @@ struct WorkerLink {
         requests(memory + kRequestRingOffset, kRingCapacity, config.max_payload),
         results(memory + kResultRingOffset, kRingCapacity, config.max_payload),
         doorbell(bell),
-        parent(config.parent) {}
+        parent(config.parent),
+        max_payload(config.max_payload) {}
 
   [[nodiscard]] bool parent_alive() const noexcept { return ::getppid() == parent; }
 
@@ -367,10 +403,72 @@ struct WorkerLink {
       const std::uint64_t id = h.id;
       if (!channel.recv(h, in) || h.id != id) throw ProtocolError("a frame announced in the ring did not come");
     }
+    if (h.tag == static_cast<std::uint16_t>(FrameTag::streamed)) {
+      if (in.size() != sizeof(std::uint64_t)) throw ProtocolError("a streamed task's announcement is malformed");
+      std::uint64_t length = 0;
+      std::memcpy(&length, in.data(), sizeof length);
+      check_payload_size(length, max_payload);
+      h.length = length;
+      return true;
+    }
     if (h.tag != static_cast<std::uint16_t>(FrameTag::task))
       throw ProtocolError("worker got a frame that is not a task");
     return true;
   }
+  std::size_t max_payload = 0;
+};
+
+// The pieces of a streamed task, taken from the request ring where they lie: a piece stays there
+// (the parent does not overwrite it) until the Reader moves on to the next.
+class PieceSource final : public Reader::Source {
+ public:
+  PieceSource(WorkerLink& link, std::uint64_t id) noexcept : link_(link), id_(id) {}
+
+  std::span<const std::byte> next() override {
+    if (!second_.empty()) return std::exchange(second_, {});
+    release();
+    FrameHeader h{};
+    std::span<const std::byte> first;
+    const auto spin_until = std::chrono::steady_clock::now() + kStreamSpin;
+    for (unsigned n = 0;; ++n) {
+      try {
+        if (link_.requests.try_peek(h, first, second_)) break;
+      } catch (...) {
+        broken_ = true;
+        throw;
+      }
+      if ((n & 31) != 0 || std::chrono::steady_clock::now() < spin_until) {
+        cpu_relax();
+        continue;
+      }
+      link_.requests.wait_readable(std::chrono::seconds(1));
+      if (!link_.parent_alive()) {
+        broken_ = true;
+        throw ProtocolError("the pool's process is gone");
+      }
+    }
+    holding_ = true;
+    if (h.tag != static_cast<std::uint16_t>(FrameTag::piece) || h.id != id_ || first.empty()) {
+      broken_ = true;
+      throw ProtocolError("a streamed task was cut short by another frame");
+    }
+    return first;
+  }
+  // Frees the piece last handed out.
+  void release() noexcept {
+    if (holding_) link_.requests.release();
+    holding_ = false;
+    second_ = {};
+  }
+  // The stream can no longer be followed: the worker must leave.
+  [[nodiscard]] bool broken() const noexcept { return broken_; }
+
+ private:
+  WorkerLink& link_;
+  std::uint64_t id_;
+  std::span<const std::byte> second_;
+  bool holding_ = false;
+  bool broken_ = false;
 };
 
 [[noreturn]] void worker_main(WorkerLink& link, const WorkerConfig& config) noexcept {
@@ -394,7 +492,9 @@ struct WorkerLink {
     std::size_t done = 0;
     FrameHeader h{};
     while (link.next_task(h, in)) {
-      Reader r(in.bytes());
+      const bool streamed = h.tag == static_cast<std::uint16_t>(FrameTag::streamed);
+      PieceSource pieces(link, h.id);
+      Reader r = streamed ? Reader(pieces, static_cast<std::size_t>(h.length)) : Reader(in.bytes());
       Channel::begin_frame(out);
       link.pool->active.fetch_add(1, std::memory_order_relaxed);
       link.shared->busy.store(1, std::memory_order_relaxed);
@@ -426,9 +526,16 @@ struct WorkerLink {
         require_invoker(id)(r, count, out, ctx);
         if (r.remaining() != 0) throw ProtocolError("task request has trailing bytes");
       } catch (...) {
+        if (pieces.broken()) throw;
         Channel::begin_frame(out);
         encode_current_exception(out);
         reply = FrameTag::fault;
+      }
+      if (streamed) {
+        // What the task did not read (it failed to decode) is still coming: take it all before
+        // anything else. Never the case for a request that decoded.
+        r.read_runs(r.remaining(), [](std::span<const std::byte>) {});
+        pieces.release();
       }
       link.shared->busy.store(0, std::memory_order_relaxed);
       link.pool->active.fetch_sub(1, std::memory_order_relaxed);
@@ -690,12 +797,12 @@ struct PoolCore::Impl {
         c.job->set_listener(hub);
         listened = c.job.get();
       }
-      if (c.request.size() - sizeof(FrameHeader) > max_payload) {
+      if (payload_size(c) > max_payload) {
         // Too large to send: fail it now rather than at the worker.
         lock.unlock();
         fail_chunk(c, PoolErrorKind::protocol,
-                   "task request of " + std::to_string(c.request.size()) + " bytes exceeds max_message_bytes (" +
-                       std::to_string(max_payload) + ")");
+                   "task request of " + std::to_string(payload_size(c) + sizeof(FrameHeader)) +
+                       " bytes exceeds max_message_bytes (" + std::to_string(max_payload) + ")");
         lock.lock();
         continue;
       }
@@ -1167,13 +1274,17 @@ struct PoolCore::Impl {
     const bool timed = limit_of(chunk).count() > 0;
     if (timed) sent_timed = true;
     const auto flags = static_cast<std::uint16_t>((timed ? kFrameTimed : 0) | (chunk.answer_each ? kFrameEach : 0));
+    if (chunk.count != 1) materialize(chunk);  // only a single item's request is streamed
     w.inflight.push_back(InFlight{std::move(chunk), seq, 0, Piece{}});
-    Writer& request = w.inflight.back().chunk.request;
+    Chunk& sent = w.inflight.back().chunk;
+    Writer& request = sent.request;
     try {
       // Pipelining keeps what is queued to a worker far below the ring's capacity, and a chunk
       // goes to a worker with nothing queued otherwise, so a frame that fits the ring finds room.
-      const std::size_t length = request.size() - sizeof(FrameHeader);
-      if (w.requests.could_fit(length)) {
+      const std::size_t length = payload_size(sent);
+      if (!sent.borrowed.empty() || (!w.requests.could_fit(length) && sent.count == 1)) {
+        stream(w, seq, sent, flags);
+      } else if (w.requests.could_fit(length)) {
         if (!w.requests.try_send(FrameTag::task, seq, request, flags))
           throw ProtocolError("a worker's request ring is full");
         w.requests.wake_consumer();
@@ -1193,6 +1304,62 @@ struct PoolCore::Impl {
       w.writable = false;
       sys::send_signal(w.pid, SIGKILL, true);
     }
+  }
+
+  // A single item's request too large for the ring: announced there, then its payload through the
+  // ring in pieces, which the worker decodes as they come (it has nothing else queued), while this
+  // thread copies the next ones in, straight from the caller's memory for borrowed bytes. The
+  // worker has decoded its whole argument before it runs the task, so this takes as long as the
+  // copy. While it waits for room, what the supervisor would do meanwhile is done here: time
+  // limits and cancellations are enforced, and a worker that dies or a pool that terminates ends
+  // the stream (a ProtocolError, which send_chunk handles as a worker gone).
+  void stream(Worker& w, std::uint64_t seq, const Chunk& chunk, std::uint16_t flags) {
+    const std::uint64_t length = payload_size(chunk);
+    if (!w.requests.try_send_bytes(FrameTag::streamed, seq, std::as_bytes(std::span(&length, 1)), flags))
+      throw ProtocolError("a worker's request ring is full");
+    w.requests.wake_consumer();
+    const std::byte* request = chunk.request.data();
+    std::size_t at = sizeof(FrameHeader);
+    for (const auto& b : chunk.borrowed) {
+      stream_bytes(w, seq, {request + at, b.at - at});
+      stream_bytes(w, seq, {b.data, b.size});
+      at = b.at;
+    }
+    stream_bytes(w, seq, {request + at, chunk.request.size() - at});
+  }
+
+  void stream_bytes(Worker& w, std::uint64_t seq, std::span<const std::byte> bytes) {
+    while (!bytes.empty()) {
+      const auto piece = bytes.first(std::min(bytes.size(), kPieceBytes));
+      auto spin_until = std::chrono::steady_clock::now() + kStreamSpin;
+      for (unsigned n = 0; !w.requests.try_send_bytes(FrameTag::piece, seq, piece); ++n) {
+        if ((n & 31) != 0 || std::chrono::steady_clock::now() < spin_until) {
+          cpu_relax();
+          continue;
+        }
+        w.requests.wait_for_room(FrameRing::footprint(piece.size()), std::chrono::milliseconds(10));
+        if (worker_gone(w)) throw ProtocolError("the worker left while its request was streamed to it");
+        kill_overdue_workers();
+        kill_cancelled_workers();
+        bool ending = false;
+        {
+          std::lock_guard lock(mutex);
+          ending = terminating;
+        }
+        if (ending) sys::send_signal(w.pid, SIGKILL, true);
+        spin_until = std::chrono::steady_clock::now() + kStreamSpin;
+      }
+      w.requests.wake_consumer();
+      bytes = bytes.subspan(piece.size());
+    }
+  }
+
+  // True once the worker has exited (its pidfd, or its end of the socket, says so).
+  static bool worker_gone(const Worker& w) {
+    pollfd fds[2] = {{w.channel.fd(), POLLRDHUP, 0}, {w.child.watch_fd(), POLLIN, 0}};
+    const nfds_t n = fds[1].fd >= 0 ? 2 : 1;
+    if (::poll(fds, n, 0) <= 0) return false;
+    return (fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0 || (n == 2 && fds[1].revents != 0);
   }
 
   // Takes every frame the worker has published. The answers to a batch's items that came in this
@@ -1505,7 +1672,10 @@ PoolCore::~PoolCore() {
 }
 
 void PoolCore::submit(std::vector<Chunk> chunks) {
-  if (backend_) return backend_->submit(std::move(chunks));
+  if (backend_) {
+    for (auto& c : chunks) materialize(c);
+    return backend_->submit(std::move(chunks));
+  }
   check_owner(*impl_);
   impl_->submit(chunks);
 }
@@ -1514,6 +1684,18 @@ void PoolCore::submit(Chunk chunk) {
   std::vector<Chunk> one;
   one.push_back(std::move(chunk));
   submit(std::move(one));
+}
+
+SettleBorrowed::~SettleBorrowed() {
+  for (auto& job : jobs) core->settle_borrowed(*job);
+}
+
+void PoolCore::settle_borrowed(Job& job) noexcept {
+  job.abandon();
+  if (backend_) return;
+  // Streams run under the state lock: once it is taken, none reads the job's borrowed bytes, and
+  // none will (an abandoned job's chunks are never sent).
+  std::lock_guard lock(impl_->hub->state);
 }
 
 void PoolCore::close() {

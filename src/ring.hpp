@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "channel.hpp"
 
@@ -75,13 +76,25 @@ class FrameRing {
     }
     return true;
   }
+  /// The same for a frame whose payload is `payload` (no header room needed in front).
+  bool try_send_bytes(FrameTag tag, std::uint64_t id, std::span<const std::byte> payload, std::uint16_t flags = 0);
   /// Wakes the consumer if it sleeps (after try_send; send() does it itself).
   void wake_consumer() noexcept;
+  /// Sleeps until the consumer frees room for `need` bytes, at most `timeout`. Spurious returns
+  /// are allowed.
+  void wait_for_room(std::size_t need, std::chrono::nanoseconds timeout = std::chrono::milliseconds(100)) noexcept;
 
   // ---- consumer ----
   /// Takes the next frame if one is there; false if the ring is empty. Throws ProtocolError on a
   /// frame that is corrupt or exceeds the bound.
   bool try_recv(FrameHeader& header, Writer& payload);
+  /// Looks at the next frame without taking it: its header, and its payload where it lies in the
+  /// ring (`second` is not empty when the payload wraps around the ring's end). The payload stays
+  /// there, untouched by the producer, until release(). False if the ring is empty; throws as
+  /// try_recv() does.
+  bool try_peek(FrameHeader& header, std::span<const std::byte>& first, std::span<const std::byte>& second);
+  /// Frees the room of the frame try_peek() returned.
+  void release() noexcept;
   /// True when a frame is queued (a hint: a corrupt ring also says true).
   [[nodiscard]] bool readable() const noexcept { return control_->tail.load(std::memory_order_acquire) != head_; }
   /// Sleeps until the producer publishes something, at most `timeout`; returns at once if there is
@@ -89,7 +102,7 @@ class FrameRing {
   void wait_readable(std::chrono::nanoseconds timeout) noexcept;
 
  private:
-  void wait_for_room(std::size_t need) noexcept;
+  std::uint32_t check_next(FrameHeader& header);
   void copy_in(std::uint32_t at, const std::byte* from, std::size_t n) noexcept;
   void copy_out(std::uint32_t at, std::byte* to, std::size_t n) const noexcept;
 
@@ -100,6 +113,7 @@ class FrameRing {
   std::size_t max_payload_ = 0;
   std::uint32_t head_ = 0;  // the consumer's own copy
   std::uint32_t tail_ = 0;  // the producer's own copy
+  std::uint32_t peeked_ = 0;  // footprint of the frame try_peek() returned
 };
 
 }  // namespace multiproc::detail

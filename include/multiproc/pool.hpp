@@ -509,39 +509,30 @@ class Pool {
   /// The same, with options for this call (a time limit).
   template <class F, class... Args>
   auto apply_async(const CallOptions& options, F&& f, Args&&... args) {
-    using Fn = std::decay_t<F>;
-    using Item = std::tuple<std::decay_t<Args>...>;
-    detail::check_sendable<Fn>();
-    using R = detail::call_result_t<true, Fn, Item>;
-    auto job = make_job(options);
-    detail::Chunk c;
-    c.job = job;
-    detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
-    detail::encode_function(c.request, static_cast<const Fn&>(f));
-    detail::mark_item(c);
-    encode_all(c.request, args...);
-    c.count = 1;
-    detail::finish_chunk(c);
-    core().submit(std::move(c));
-    return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
+    return submit_apply(options, f, nullptr, args...);
   }
-  /// Runs f(args...) in a worker and waits for its result.
+  /// Runs f(args...) in a worker and waits for its result. An argument that is a large vector of
+  /// numbers or a large string (1 MiB and more) is not copied first: it streams to the worker
+  /// straight from where it lies, since it cannot change before this returns.
   // clang-format off
   template <class F, class... Args>
     requires(!std::same_as<std::remove_cvref_t<F>, CallOptions>)
   auto apply(F&& f, Args&&... args) {
-    return apply_async(CallOptions{}, std::forward<F>(f), std::forward<Args>(args)...).get();
+    return apply(CallOptions{}, std::forward<F>(f), std::forward<Args>(args)...);
   }
   // clang-format on
   template <class F, class... Args>
   auto apply(const CallOptions& options, F&& f, Args&&... args) {
-    return apply_async(options, std::forward<F>(f), std::forward<Args>(args)...).get();
+    detail::SettleBorrowed borrowed{&core()};
+    return submit_apply(options, f, &borrowed, args...).get();
   }
 
   /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
+  /// A large input streams to each worker from where it lies, as apply's arguments do.
   template <class Input, class... Fs>
   auto invoke_all(const Input& input, Fs&&... fs) {
-    auto results = std::make_tuple(apply_async(std::forward<Fs>(fs), input)...);
+    detail::SettleBorrowed borrowed{&core()};
+    auto results = std::make_tuple(submit_apply(CallOptions{}, fs, &borrowed, input)...);
     return std::apply([](auto&... r) { return std::make_tuple(std::move(r).get()...); }, results);
   }
 
@@ -619,6 +610,32 @@ class Pool {
   static constexpr std::size_t kSubmitBytes = 64 * 1024;
   // The most items in one chunk (a worker's position counts items in 31 bits).
   static constexpr std::size_t kMaxChunkItems = (std::size_t{1} << 31) - 1;
+
+  // One call of f(args...). With `borrowed`, the caller waits for the result before `args` can
+  // change or go: large ones are borrowed, and their job is settled by `borrowed` at the end.
+  template <class F, class... Args>
+  auto submit_apply(const CallOptions& options, const F& f, detail::SettleBorrowed* borrowed, const Args&... args) {
+    using Fn = std::decay_t<F>;
+    using Item = std::tuple<std::decay_t<Args>...>;
+    detail::check_sendable<Fn>();
+    using R = detail::call_result_t<true, Fn, Item>;
+    auto job = make_job(options);
+    detail::Chunk c;
+    c.job = job;
+    detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
+    detail::encode_function(c.request, static_cast<const Fn&>(f));
+    detail::mark_item(c);
+    if (borrowed) {
+      (detail::encode_borrowing(c, static_cast<const std::decay_t<Args>&>(args)), ...);
+    } else {
+      encode_all(c.request, args...);
+    }
+    c.count = 1;
+    detail::finish_chunk(c);
+    if (!c.borrowed.empty()) borrowed->jobs.push_back(job);
+    core().submit(std::move(c));
+    return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
+  }
 
   std::shared_ptr<detail::Job> make_job(const CallOptions& options) const {
     if (options.timeout.count() < 0) throw InvalidArgument("CallOptions::timeout must not be negative");

@@ -25,6 +25,9 @@ struct PoolOptions;
 
 namespace multiproc::detail {
 
+/// Bytes of the frame header at the front of a chunk's request.
+inline constexpr std::size_t kChunkHeaderBytes = 24;
+
 /// Outcomes of a run of consecutive items of one call: `count` outcomes, in order, in `bytes`.
 struct Piece {
   std::uint64_t first = 0;
@@ -113,7 +116,50 @@ struct Chunk {
   std::uint32_t item_size = 0;
   /// Merged from one-item chunks (batching): the worker answers each item on its own.
   bool answer_each = false;
+  /// Bytes of the caller's that belong in the request but were not copied into it (a large
+  /// argument of a call that waits for its result): `size` bytes at `data` go before request byte
+  /// `at`. The pool streams them to the worker from where they lie; the caller keeps them alive
+  /// and unchanged until settle_borrowed().
+  struct Borrowed {
+    std::size_t at = 0;
+    const std::byte* data = nullptr;
+    std::size_t size = 0;
+  };
+  std::vector<Borrowed> borrowed;
+  std::size_t borrowed_bytes = 0;
 };
+
+/// The request's payload size (after the frame header), borrowed bytes included.
+inline std::size_t payload_size(const Chunk& c) { return c.request.size() - kChunkHeaderBytes + c.borrowed_bytes; }
+/// Copies a chunk's borrowed bytes into its request.
+void materialize(Chunk& c);
+
+/// From this size on, a top-level argument of a call that waits (apply, invoke_all) that is a
+/// vector of numbers or a string is borrowed instead of copied into the request.
+inline constexpr std::size_t kBorrowBytes = std::size_t{1} << 20;
+template <class T>
+struct is_borrowable : std::false_type {};
+template <class T, class A>
+  requires(std::is_arithmetic_v<T> || std::is_same_v<T, std::byte>)
+struct is_borrowable<std::vector<T, A>> : std::bool_constant<!std::is_same_v<T, bool>> {};
+template <class Tr, class A>
+struct is_borrowable<std::basic_string<char, Tr, A>> : std::true_type {};
+
+/// Encodes a top-level argument into `c`, borrowing it when it is a large run of bytes (the same
+/// bytes its Codec writes: the element count, then the elements).
+template <class T>
+void encode_borrowing(Chunk& c, const T& value) {
+  if constexpr (is_borrowable<T>::value) {
+    const std::size_t bytes = value.size() * sizeof(typename T::value_type);
+    if (bytes >= kBorrowBytes) {
+      c.request.write_value(static_cast<std::uint64_t>(value.size()));
+      c.borrowed.push_back({c.request.size(), reinterpret_cast<const std::byte*>(value.data()), bytes});
+      c.borrowed_bytes += bytes;
+      return;
+    }
+  }
+  encode(c.request, value);
+}
 
 /// One outcome, repeated for `count` items starting at `first`.
 Piece repeated_outcome(std::uint64_t first, std::uint32_t count, std::span<const std::byte> outcome);
@@ -161,6 +207,9 @@ class PoolCore {
   void close();
   void terminate() noexcept;
   void join();
+  /// After a call that borrowed its arguments (Chunk::borrowed) has its results or gives up on
+  /// them: abandons the job and returns once nothing of the pool reads the borrowed bytes.
+  void settle_borrowed(Job& job) noexcept;
 
   [[nodiscard]] int processes() const noexcept;
   /// The pids of the workers running now.
@@ -171,6 +220,17 @@ class PoolCore {
  private:
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<PoolBackend> backend_;
+};
+
+/// The jobs of a call that borrowed its arguments, settled (PoolCore::settle_borrowed) when the
+/// call returns or throws.
+struct SettleBorrowed {
+  explicit SettleBorrowed(PoolCore* pool) noexcept : core(pool) {}
+  PoolCore* core;
+  std::vector<std::shared_ptr<Job>> jobs;
+  SettleBorrowed(const SettleBorrowed&) = delete;
+  SettleBorrowed& operator=(const SettleBorrowed&) = delete;
+  ~SettleBorrowed();
 };
 
 }  // namespace multiproc::detail
