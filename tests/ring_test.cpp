@@ -231,3 +231,80 @@ TEST(FrameRing, TwoProcessesStreamEveryFrameOnceInOrder) {
   EXPECT_EQ(bad, 0);
   EXPECT_FALSE(consumer.try_recv(h, payload));
 }
+
+// A frame sent from a span (try_send_bytes) and looked at where it lies (try_peek): the payload is
+// the same bytes, split in two where it wraps; the producer cannot overwrite it until release().
+TEST(FrameRing, PeekedFramesStayInPlaceUntilReleasedAcrossTheWrap) {
+  SharedRing ring(1024);
+  FrameRing producer = ring.end();
+  FrameRing consumer = ring.end();
+  std::vector<std::byte> bytes(300);
+  FrameHeader h{};
+  std::span<const std::byte> first;
+  std::span<const std::byte> second;
+  int wrapped = 0;
+  for (std::uint32_t i = 0; i < 40; ++i) {
+    for (std::size_t k = 0; k < bytes.size(); ++k) bytes[k] = static_cast<std::byte>((i * 7 + k) & 0xFF);
+    const std::size_t n = 1 + (i * 37) % bytes.size();
+    ASSERT_TRUE(producer.try_send_bytes(FrameTag::piece, i, std::span(bytes).first(n), 1));
+    ASSERT_TRUE(consumer.try_peek(h, first, second));
+    EXPECT_EQ(h.tag, static_cast<std::uint16_t>(FrameTag::piece));
+    EXPECT_EQ(h.reserved, 1u);
+    EXPECT_EQ(h.id, i);
+    ASSERT_EQ(first.size() + second.size(), n);
+    if (!second.empty()) ++wrapped;
+    // While it is held, the ring has no room for what would overwrite it.
+    std::vector<std::byte> filler(1024 - FrameRing::footprint(n) - sizeof(FrameHeader) + 8);
+    EXPECT_FALSE(producer.try_send_bytes(FrameTag::piece, 99, filler));
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::byte got = k < first.size() ? first[k] : second[k - first.size()];
+      ASSERT_EQ(got, bytes[k]) << "frame " << i << " byte " << k;
+    }
+    consumer.release();
+    EXPECT_FALSE(consumer.try_peek(h, first, second));
+  }
+  EXPECT_GT(wrapped, 0);
+}
+
+// Peeking takes nothing: the same frame comes again until released, and try_recv sees the same
+// frames a peeking consumer does.
+TEST(FrameRing, PeekWithoutReleaseSeesTheSameFrame) {
+  SharedRing ring(4096);
+  FrameRing producer = ring.end();
+  FrameRing consumer = ring.end();
+  const std::vector<std::byte> one(10, std::byte{1});
+  const std::vector<std::byte> two(20, std::byte{2});
+  ASSERT_TRUE(producer.try_send_bytes(FrameTag::piece, 1, one));
+  ASSERT_TRUE(producer.try_send_bytes(FrameTag::piece, 2, two));
+  FrameHeader h{};
+  std::span<const std::byte> first;
+  std::span<const std::byte> second;
+  ASSERT_TRUE(consumer.try_peek(h, first, second));
+  EXPECT_EQ(h.id, 1u);
+  ASSERT_TRUE(consumer.try_peek(h, first, second));
+  EXPECT_EQ(h.id, 1u);
+  consumer.release();
+  multiproc::Writer payload;
+  ASSERT_TRUE(consumer.try_recv(h, payload));
+  EXPECT_EQ(h.id, 2u);
+  EXPECT_EQ(payload.size(), 20u);
+  EXPECT_FALSE(consumer.try_peek(h, first, second));
+}
+
+// A peeked frame goes through the same checks as a received one.
+TEST(FrameRing, PeekOfACorruptFrameIsAProtocolError) {
+  SharedRing ring(1024, 512);
+  FrameRing producer = ring.end();
+  FrameRing consumer = ring.end();
+  const std::vector<std::byte> bytes(100);
+  ASSERT_TRUE(producer.try_send_bytes(FrameTag::piece, 1, bytes));
+  FrameHeader h{};
+  std::memcpy(&h, ring.data(), sizeof h);
+  h.length = 4096;  // longer than the bound and than what was published
+  std::memcpy(ring.data(), &h, sizeof h);
+  std::span<const std::byte> first;
+  std::span<const std::byte> second;
+  EXPECT_THROW(consumer.try_peek(h, first, second), multiproc::ProtocolError);
+  const std::vector<std::byte> too_big(513);
+  EXPECT_THROW(producer.try_send_bytes(FrameTag::piece, 2, too_big), multiproc::ProtocolError);
+}
