@@ -9,7 +9,9 @@
 // a round trip needs no hop through the supervisor.
 //
 // Transport. Each worker has a request ring and a result ring in memory it shares with the parent
-// (ring.hpp); a frame too large for a ring goes over the worker's socket, announced in the ring.
+// (ring.hpp). A single item's request too large for the ring streams through it in pieces, which
+// the worker decodes where they lie (stream(), PieceSource); other frames too large for a ring go
+// over the worker's socket, announced in the ring.
 // Workers sleep on a futex, and ring the supervisor's eventfd after publishing a result unless a
 // parent thread spins for results. Nobody spins unless a core is free for it (PoolShared).
 //
