@@ -1229,7 +1229,7 @@ struct PoolCore::Impl {
             queue_empty = true;
             break;
           }
-          const std::size_t bytes = queue.front().request.size();
+          const std::size_t bytes = payload_size(queue.front());  // borrowed bytes included
           if (!w.inflight.empty() && w.inflight_bytes + bytes > kPipelineBytes) continue;
           next.emplace(std::move(queue.front()));
           queue.pop_front();
@@ -1272,7 +1272,7 @@ struct PoolCore::Impl {
     const std::uint64_t seq = next_seq++;
     ++w.chunks_sent;
     if (w.inflight.empty()) w.last_result = std::chrono::steady_clock::now();
-    w.inflight_bytes += chunk.request.size();
+    w.inflight_bytes += payload_size(chunk);
     const bool timed = limit_of(chunk).count() > 0;
     if (timed) sent_timed = true;
     const auto flags = static_cast<std::uint16_t>((timed ? kFrameTimed : 0) | (chunk.answer_each ? kFrameEach : 0));
@@ -1348,7 +1348,11 @@ struct PoolCore::Impl {
           std::lock_guard lock(mutex);
           ending = terminating;
         }
-        if (ending) sys::send_signal(w.pid, SIGKILL, true);
+        if (ending) {
+          // As for a cancelled call: the kill blames nothing, and termination cancels the item.
+          w.cancel_killed = true;
+          sys::send_signal(w.pid, SIGKILL, true);
+        }
         spin_until = std::chrono::steady_clock::now() + kStreamSpin;
       }
       w.requests.wake_consumer();
@@ -1430,7 +1434,7 @@ struct PoolCore::Impl {
       const std::uint32_t answered = front.answered;
       Chunk chunk = std::move(front.chunk);
       w.inflight.pop_front();
-      w.inflight_bytes -= chunk.request.size();
+      w.inflight_bytes -= payload_size(chunk);
       const auto now = std::chrono::steady_clock::now();
       if (w.inflight.empty()) w.idle_since = now;
       const auto took = now - w.last_result;

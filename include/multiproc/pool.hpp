@@ -509,7 +509,7 @@ class Pool {
   /// The same, with options for this call (a time limit).
   template <class F, class... Args>
   auto apply_async(const CallOptions& options, F&& f, Args&&... args) {
-    return submit_apply(options, f, nullptr, args...);
+    return submit_apply<false>(options, f, nullptr, args...);
   }
   /// Runs f(args...) in a worker and waits for its result. An argument that is a large vector of
   /// numbers or a large string (1 MiB and more) is not copied first: it streams to the worker
@@ -524,7 +524,7 @@ class Pool {
   template <class F, class... Args>
   auto apply(const CallOptions& options, F&& f, Args&&... args) {
     detail::SettleBorrowed borrowed{&core()};
-    return submit_apply(options, f, &borrowed, args...).get();
+    return submit_apply<true>(options, f, &borrowed, args...).get();
   }
 
   /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
@@ -532,7 +532,7 @@ class Pool {
   template <class Input, class... Fs>
   auto invoke_all(const Input& input, Fs&&... fs) {
     detail::SettleBorrowed borrowed{&core()};
-    auto results = std::make_tuple(submit_apply(CallOptions{}, fs, &borrowed, input)...);
+    auto results = std::make_tuple(submit_apply<true>(CallOptions{}, fs, &borrowed, input)...);
     return std::apply([](auto&... r) { return std::make_tuple(std::move(r).get()...); }, results);
   }
 
@@ -611,9 +611,9 @@ class Pool {
   // The most items in one chunk (a worker's position counts items in 31 bits).
   static constexpr std::size_t kMaxChunkItems = (std::size_t{1} << 31) - 1;
 
-  // One call of f(args...). With `borrowed`, the caller waits for the result before `args` can
+  // One call of f(args...). With Borrow, the caller waits for the result before `args` can
   // change or go: large ones are borrowed, and their job is settled by `borrowed` at the end.
-  template <class F, class... Args>
+  template <bool Borrow, class F, class... Args>
   auto submit_apply(const CallOptions& options, const F& f, detail::SettleBorrowed* borrowed, const Args&... args) {
     using Fn = std::decay_t<F>;
     using Item = std::tuple<std::decay_t<Args>...>;
@@ -625,14 +625,17 @@ class Pool {
     detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
     detail::encode_function(c.request, static_cast<const Fn&>(f));
     detail::mark_item(c);
-    if (borrowed) {
+    if constexpr (Borrow) {
       (detail::encode_borrowing(c, static_cast<const std::decay_t<Args>&>(args)), ...);
     } else {
+      (void)borrowed;
       encode_all(c.request, args...);
     }
     c.count = 1;
     detail::finish_chunk(c);
-    if (!c.borrowed.empty()) borrowed->jobs.push_back(job);
+    if constexpr (Borrow) {
+      if (!c.borrowed.empty()) borrowed->jobs.push_back(job);
+    }
     core().submit(std::move(c));
     return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
   }
