@@ -4,6 +4,8 @@ multiproc_add_test(test_pool SOURCES pool_test.cpp TIMEOUT 60)
 multiproc_add_test(test_pool_fault SOURCES pool_fault_test.cpp TIMEOUT 60)
 # close/join/terminate, the destructor, wrong arguments, leftover processes and descriptors.
 multiproc_add_test(test_pool_lifecycle SOURCES pool_lifecycle_test.cpp TIMEOUT 60)
+# Streamed requests: large and borrowed arguments; a worker dying, failing or stalling mid-stream.
+multiproc_add_test(test_pool_stream SOURCES pool_stream_test.cpp TIMEOUT 60)
 # imap over 10^7 items in bounded memory (its own binary, so that nothing else moves the RSS).
 multiproc_add_test(test_pool_memory SOURCES pool_memory_test.cpp TIMEOUT 120)
 
