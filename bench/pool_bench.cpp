@@ -4,7 +4,8 @@
 //   BM_ImapChunksize1       imap over 20,000 ints, chunksize 1 (items/s)
 //   BM_MapChunksize1        map over 20,000 ints, chunksize 1 (items/s)
 //   BM_Vector256MiB         a 256 MiB std::vector<char> passed by value to apply, its size
-//                           returned (bytes/s)
+//                           returned (bytes/s): streamed to the worker from the caller's vector
+//   BM_Vector256MiBAsync    the same through apply_async: copied at submission, then streamed
 //   BM_SharedArray16MiB     a SharedArray<char> of 16 MiB / 1 GiB passed to apply: the worker maps
 //   BM_SharedArray1GiB      it, writes both ends and returns its size (time per call)
 //   BM_CpuBoundSerial       40 tasks of ~40 ms of arithmetic, one after another in this process
@@ -102,6 +103,22 @@ void BM_Vector256MiB(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(kBytes));
 }
 BENCHMARK(BM_Vector256MiB)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+
+// The same through apply_async: the argument is copied at submission (the caller may change it at
+// once), then streamed from that copy.
+void BM_Vector256MiBAsync(benchmark::State& state) {
+  constexpr std::size_t kBytes = std::size_t{256} << 20;
+  auto& p = pool();
+  const std::vector<char> big(kBytes, 'x');
+  for (auto _ : state) {
+    if (p.apply_async(byte_count, big).get() != kBytes) {
+      state.SkipWithError("wrong size returned");
+      break;
+    }
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(kBytes));
+}
+BENCHMARK(BM_Vector256MiBAsync)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
 
 // The worker maps the segment, writes one byte at each end (so the mapping is really used) and
 // returns the size it sees.

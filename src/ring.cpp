@@ -35,19 +35,7 @@ void FrameRing::copy_out(std::uint32_t at, std::byte* to, std::size_t n) const n
 
 bool FrameRing::try_send(FrameTag tag, std::uint64_t id, Writer& frame, std::uint16_t flags) {
   if (frame.size() < sizeof(FrameHeader)) throw ProtocolError("frame built without begin_frame()");
-  const std::size_t length = frame.size() - sizeof(FrameHeader);
-  check_payload_size(length, max_payload_);
-  const std::size_t need = footprint(length);
-  const std::uint32_t head = control_->head.load(std::memory_order_acquire);
-  const std::uint32_t used = tail_ - head;
-  if (used > capacity_) throw ProtocolError("frame ring corrupt: the consumer's index is out of range");
-  if (capacity_ - used < need) return false;
-  const FrameHeader h{kFrameMagic, static_cast<std::uint16_t>(tag), flags, id, length};
-  std::memcpy(frame.data(), &h, sizeof h);
-  copy_in(tail_, frame.data(), frame.size());
-  tail_ += static_cast<std::uint32_t>(need);
-  control_->tail.store(tail_, std::memory_order_seq_cst);
-  return true;
+  return try_send_bytes(tag, id, frame.bytes().subspan(sizeof(FrameHeader)), flags);
 }
 
 bool FrameRing::try_send_bytes(FrameTag tag, std::uint64_t id, std::span<const std::byte> payload,

@@ -212,6 +212,28 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Runs `call`, which must throw an E (passed to `check`) within `limit_ms`.
+template <class E, class Call, class Check>
+void expect_throw_within(double limit_ms, Call&& call, Check&& check) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    (void)call();
+    ADD_FAILURE() << "no exception";
+  } catch (const E& e) {
+    check(e);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not the expected type: " << e.what();
+  }
+  EXPECT_LT(ms_since(t0), limit_ms);
+}
+// The same for an E whose message must contain `text`.
+template <class E, class Call>
+void expect_throw_within(double limit_ms, Call&& call, const char* text) {
+  expect_throw_within<E>(limit_ms, std::forward<Call>(call), [&](const E& e) {
+    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+  });
+}
+
 // Ends the test process with a message if the test has not ended after `seconds`: the failures looked
 // for here are hangs, which this reports sooner and more clearly than CTest's timeout. (Generous:
 // the sanitizer builds on CI run several times slower.) An alarm, not a thread: a thread of the
@@ -384,16 +406,9 @@ TEST_P(PoolStreamCrash, WorkerDyingWhileDecodingAStreamedRequestFailsThatCall) {
   auto pool = make_pool(1);
   const auto pids = pool.worker_pids();
   KillWhileLoading killer{7, pattern_chars(6 * MiB, 40)};  // copied into the request: streamed from the copy
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
-    (void)pool.apply(first_of_killer, killer);
-    ADD_FAILURE() << "no exception";
-  } catch (const mp::WorkerCrashed& e) {
-    expect_killed(e, pids);
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not WorkerCrashed: " << e.what();
-  }
-  EXPECT_LT(ms_since(t0), 5000.0);
+  expect_throw_within<mp::WorkerCrashed>(
+      5000.0, [&] { return pool.apply(first_of_killer, killer); },
+      [&](const mp::WorkerCrashed& e) { expect_killed(e, pids); });
   EXPECT_EQ(pool.apply(pooltest::square, 3), 9);
   expect_pool_goes_on(pool, 41);
 }
@@ -403,16 +418,9 @@ TEST_P(PoolStreamCrash, WorkerDyingBeforeItsBorrowedArgumentIsConsumedFailsThatC
   const auto pids = pool.worker_pids();
   const auto big = pattern_chars(64 * MiB, 42);  // borrowed: streamed from here
   const auto expected = sum(big);
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
-    (void)pool.apply(killer_and_vector, KillWhileLoading{3, {}}, big);
-    ADD_FAILURE() << "no exception";
-  } catch (const mp::WorkerCrashed& e) {
-    expect_killed(e, pids);
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not WorkerCrashed: " << e.what();
-  }
-  EXPECT_LT(ms_since(t0), 5000.0);
+  expect_throw_within<mp::WorkerCrashed>(
+      5000.0, [&] { return pool.apply(killer_and_vector, KillWhileLoading{3, {}}, big); },
+      [&](const mp::WorkerCrashed& e) { expect_killed(e, pids); });
   EXPECT_EQ(sum(big), expected);  // untouched
   EXPECT_EQ(pool.apply(pooltest::square, 4), 16);
   expect_pool_goes_on(pool, 43);
@@ -480,32 +488,19 @@ TEST_P(PoolStreamDecodeError, FailureBeforeABorrowedArgumentIsReportedAndTheWork
 
 TEST_P(PoolStreamStall, TimeLimitFiresWhileTheParentWaitsForRingRoom) {
   auto pool = make_pool(1);
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
-    (void)pool.apply({.timeout = 300ms}, first_of_staller, StallWhileLoading{1, pattern_chars(4 * MiB, 60)});
-    ADD_FAILURE() << "no exception";
-  } catch (const mp::TaskTimeout& e) {
-    EXPECT_NE(std::string(e.what()).find("timeout of 300 ms"), std::string::npos) << e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not TaskTimeout: " << e.what();
-  }
-  EXPECT_LT(ms_since(t0), 5000.0);
+  expect_throw_within<mp::TaskTimeout>(
+      5000.0,
+      [&] { return pool.apply({.timeout = 300ms}, first_of_staller, StallWhileLoading{1, pattern_chars(4 * MiB, 60)}); },
+      "timeout of 300 ms");
   expect_pool_goes_on(pool, 61);
 }
 
 TEST_P(PoolStreamStall, TimeLimitFiresWhileABorrowedArgumentWaitsForRingRoom) {
   auto pool = make_pool(1);
   const auto big = pattern_chars(8 * MiB, 62);
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
-    (void)pool.apply({.timeout = 300ms}, staller_and_vector, StallWhileLoading{2, {}}, big);
-    ADD_FAILURE() << "no exception";
-  } catch (const mp::TaskTimeout& e) {
-    EXPECT_NE(std::string(e.what()).find("timeout of 300 ms"), std::string::npos) << e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not TaskTimeout: " << e.what();
-  }
-  EXPECT_LT(ms_since(t0), 5000.0);
+  expect_throw_within<mp::TaskTimeout>(
+      5000.0, [&] { return pool.apply({.timeout = 300ms}, staller_and_vector, StallWhileLoading{2, {}}, big); },
+      "timeout of 300 ms");
   expect_pool_goes_on(pool, 63);
 }
 
@@ -553,16 +548,8 @@ TEST_P(PoolStreamLimit, BorrowedArgumentOverMaxMessageBytesFailsAtOnce) {
   o.max_message_bytes = 2 * MiB;
   mp::Pool pool{o};
   const auto big = pattern_chars(3 * MiB, 70);
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
-    (void)pool.apply(checksum_chars, big);
-    ADD_FAILURE() << "no exception";
-  } catch (const mp::ProtocolError& e) {
-    EXPECT_NE(std::string(e.what()).find("exceeds max_message_bytes"), std::string::npos) << e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not ProtocolError: " << e.what();
-  }
-  EXPECT_LT(ms_since(t0), 1000.0);
+  expect_throw_within<mp::ProtocolError>(
+      1000.0, [&] { return pool.apply(checksum_chars, big); }, "exceeds max_message_bytes");
   // The same through apply_async (copied) and invoke_all (borrowed).
   EXPECT_THROW((void)pool.apply_async(checksum_chars, big).get(), mp::ProtocolError);
   EXPECT_THROW((void)pool.invoke_all(big, checksum_chars, count_zero_bytes), mp::ProtocolError);
