@@ -111,8 +111,8 @@ class FrameRing {
   std::size_t capacity_ = 0;
   std::uint32_t mask_ = 0;
   std::size_t max_payload_ = 0;
-  std::uint32_t head_ = 0;  // the consumer's own copy
-  std::uint32_t tail_ = 0;  // the producer's own copy
+  std::uint32_t head_ = 0;    // the consumer's own copy
+  std::uint32_t tail_ = 0;    // the producer's own copy
   std::uint32_t peeked_ = 0;  // footprint of the frame try_peek() returned
 };
 

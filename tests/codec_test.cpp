@@ -894,7 +894,8 @@ class PieceSource final : public multiproc::Reader::Source {
 
   std::span<const std::byte> next() override {
     // A Reader must reject an empty piece; one that asks again instead could loop forever here.
-    if (!sizes_.empty() && sizes_.back() == 0) throw std::logic_error("test source: the reader accepted an empty piece");
+    if (!sizes_.empty() && sizes_.back() == 0)
+      throw std::logic_error("test source: the reader accepted an empty piece");
     discard_piece();
     if (served_ == input_.size()) {
       throw ProtocolError("test source: asked for a piece after all " + std::to_string(input_.size()) +
@@ -937,22 +938,19 @@ class PieceSource final : public multiproc::Reader::Source {
 
 // Every plan, for values of up to a few KiB.
 std::vector<PiecePlan> all_plans() {
-  return {fixed_pieces(1),
-          fixed_pieces(2),
-          fixed_pieces(3),
-          fixed_pieces(7),
-          fixed_pieces(64),
-          fixed_pieces(4096),
-          fixed_pieces(256 << 10),
-          listed_pieces({1, 8, 3, 4096, 5, 2}),
-          random_pieces(1, 13),
-          random_pieces(2, 300),
-          random_pieces(3, 70000)};
+  return {fixed_pieces(1),      fixed_pieces(2),       fixed_pieces(3),         fixed_pieces(7),
+          fixed_pieces(64),     fixed_pieces(4096),    fixed_pieces(256 << 10), listed_pieces({1, 8, 3, 4096, 5, 2}),
+          random_pieces(1, 13), random_pieces(2, 300), random_pieces(3, 70000)};
 }
 // The plans for values of megabytes: no tiny pieces (millions of them would be slow, not better).
 std::vector<PiecePlan> big_plans() {
-  return {fixed_pieces(64),  fixed_pieces(4093), fixed_pieces(4096), fixed_pieces(256 << 10),
-          listed_pieces({1, 7, 65536, 3, 200000}), random_pieces(4, 70000), random_pieces(5, 1 << 20)};
+  return {fixed_pieces(64),
+          fixed_pieces(4093),
+          fixed_pieces(4096),
+          fixed_pieces(256 << 10),
+          listed_pieces({1, 7, 65536, 3, 200000}),
+          random_pieces(4, 70000),
+          random_pieces(5, 1 << 20)};
 }
 
 template <class T>
@@ -1030,7 +1028,8 @@ TEST(CodecStreamTest, ByteVectorsRoundTripThroughPieces) {
   expect_streamed_round_trip(byte_pattern<std::byte>(300, 5));
   // Over detail::kBulkBytes (4 MiB): the decoded vector takes the bulk allocation path.
   expect_streamed_round_trip(byte_pattern<char>(5 << 20, 7), big_plans());
-  expect_streamed_round_trip(byte_pattern<unsigned char>((4 << 20) + 3, 9), {fixed_pieces(4096), random_pieces(6, 70000)});
+  expect_streamed_round_trip(byte_pattern<unsigned char>((4 << 20) + 3, 9),
+                             {fixed_pieces(4096), random_pieces(6, 70000)});
   expect_streamed_round_trip(byte_pattern<std::byte>((4 << 20) + 1, 11), {fixed_pieces(4093), random_pieces(7, 70000)});
 }
 
@@ -1045,8 +1044,8 @@ TEST(CodecStreamTest, BitwiseVectorsRoundTripThroughPieces) {
   std::vector<std::int16_t> big_shorts(((4 << 20) + 2) / 2 + 1);  // over the bulk threshold, odd count
   for (std::size_t i = 0; i < big_shorts.size(); ++i) big_shorts[i] = static_cast<std::int16_t>(i * 7919 + (i >> 11));
   expect_streamed_round_trip(big_shorts, {fixed_pieces(4093), random_pieces(8, 70000)});
-  expect_streamed_round_trip(std::vector<Trivial>{{1, 2.5, {'a', 'b', 'c', 'd', 'e'}, Color::blue},
-                                                  {-7, -0.0, {0, 1, 2, 3, 4}, Color::red}});
+  expect_streamed_round_trip(
+      std::vector<Trivial>{{1, 2.5, {'a', 'b', 'c', 'd', 'e'}, Color::blue}, {-7, -0.0, {0, 1, 2, 3, 4}, Color::red}});
 }
 
 TEST(CodecStreamTest, FixedSizeValuesRoundTripThroughPieces) {
@@ -1090,7 +1089,8 @@ TEST(CodecStreamTest, CerealTypesRoundTripThroughPieces) {
   for (std::size_t i = 0; i < big.values.size(); ++i) big.values[i] = static_cast<double>(i) * 0.5;
   big.label = string_pattern(100001, 9);
   big.sensor = -3;
-  expect_streamed_round_trip(big, {fixed_pieces(7), fixed_pieces(4096), random_pieces(9, 300), random_pieces(10, 70000)});
+  expect_streamed_round_trip(big,
+                             {fixed_pieces(7), fixed_pieces(4096), random_pieces(9, 300), random_pieces(10, 70000)});
   expect_streamed_round_trip(sample_person(3));
   expect_streamed_round_trip(std::vector<Reading>{reading, Reading{}, reading});
 }
@@ -1174,7 +1174,7 @@ TEST(CodecStreamTest, TakeAcrossPieceBoundariesReturnsTheRightBytes) {
   EXPECT_EQ(r.position(), 110u);
 
   EXPECT_THROW((void)r.take(91), SerializationError);  // one more than is left
-  t = r.take(90);                                       // the rest, inside the last piece
+  t = r.take(90);                                      // the rest, inside the last piece
   EXPECT_TRUE(is_counting_from(t, 110));
   EXPECT_EQ(r.remaining(), 0u);
   EXPECT_EQ(r.position(), 200u);
@@ -1292,11 +1292,13 @@ TEST(CodecStreamTest, SourceShorterThanTotalThrows) {
   expect_short_sources_throw(string_pattern(300), 1, plans);
   expect_short_sources_throw(std::u16string(u"sixteen bit"), 1, plans);
   expect_short_sources_throw(std::vector<double>{1, 2, 3, 4, 5}, 1, plans);
-  expect_short_sources_throw(std::tuple<int, std::string, std::vector<char>>{1, "two", byte_pattern<char>(30)}, 1, plans);
+  expect_short_sources_throw(std::tuple<int, std::string, std::vector<char>>{1, "two", byte_pattern<char>(30)}, 1,
+                             plans);
   expect_short_sources_throw(sample_nested(), 1, plans);
   expect_short_sources_throw(sample_person(4), 1, plans);
   expect_short_sources_throw(sample_corruptible(), 5, plans);
-  expect_short_sources_throw(byte_pattern<char>(5 << 20), (1 << 20) + 3, {fixed_pieces(4096), random_pieces(13, 70000)});
+  expect_short_sources_throw(byte_pattern<char>(5 << 20), (1 << 20) + 3,
+                             {fixed_pieces(4096), random_pieces(13, 70000)});
   // A source with nothing at all.
   EXPECT_EQ(streamed_outcome<std::int64_t>({}, 8, fixed_pieces(4)), "ProtocolError");
 }
@@ -1370,8 +1372,8 @@ TEST(CodecStreamTest, EmptyPieceThrowsProtocolError) {
 
 template <class T>
 void expect_corrupt_count_throws_without_allocating(std::size_t element_size) {
-  for (const std::uint64_t count :
-       {std::uint64_t{0}, std::uint64_t{1} << 40, std::uint64_t{1} << 63, ~std::uint64_t{0}, std::uint64_t{0xFFFFFFFF}}) {
+  for (const std::uint64_t count : {std::uint64_t{0}, std::uint64_t{1} << 40, std::uint64_t{1} << 63, ~std::uint64_t{0},
+                                    std::uint64_t{0xFFFFFFFF}}) {
     // The count, then 1000 bytes: total is 1008, so any count over 1000 / element_size is corrupt.
     multiproc::Writer w;
     const std::uint64_t bad = count == 0 ? 1000 / element_size + 1 : count;

@@ -419,7 +419,10 @@ TEST_P(PoolStreamCrash, WorkerDyingBeforeItsBorrowedArgumentIsConsumedFailsThatC
   const auto big = pattern_chars(64 * MiB, 42);  // borrowed: streamed from here
   const auto expected = sum(big);
   expect_throw_within<mp::WorkerCrashed>(
-      5000.0, [&] { return pool.apply(killer_and_vector, KillWhileLoading{3, {}}, big); },
+      5000.0,
+      [&] {
+        return pool.apply(killer_and_vector, KillWhileLoading{3, {}}, big);
+      },
       [&](const mp::WorkerCrashed& e) { expect_killed(e, pids); });
   EXPECT_EQ(sum(big), expected);  // untouched
   EXPECT_EQ(pool.apply(pooltest::square, 4), 16);
@@ -490,7 +493,9 @@ TEST_P(PoolStreamStall, TimeLimitFiresWhileTheParentWaitsForRingRoom) {
   auto pool = make_pool(1);
   expect_throw_within<mp::TaskTimeout>(
       5000.0,
-      [&] { return pool.apply({.timeout = 300ms}, first_of_staller, StallWhileLoading{1, pattern_chars(4 * MiB, 60)}); },
+      [&] {
+        return pool.apply({.timeout = 300ms}, first_of_staller, StallWhileLoading{1, pattern_chars(4 * MiB, 60)});
+      },
       "timeout of 300 ms");
   expect_pool_goes_on(pool, 61);
 }
@@ -499,7 +504,10 @@ TEST_P(PoolStreamStall, TimeLimitFiresWhileABorrowedArgumentWaitsForRingRoom) {
   auto pool = make_pool(1);
   const auto big = pattern_chars(8 * MiB, 62);
   expect_throw_within<mp::TaskTimeout>(
-      5000.0, [&] { return pool.apply({.timeout = 300ms}, staller_and_vector, StallWhileLoading{2, {}}, big); },
+      5000.0,
+      [&] {
+        return pool.apply({.timeout = 300ms}, staller_and_vector, StallWhileLoading{2, {}}, big);
+      },
       "timeout of 300 ms");
   expect_pool_goes_on(pool, 63);
 }

@@ -140,8 +140,8 @@ inline constexpr std::size_t kBorrowBytes = std::size_t{1} << 20;
 template <class T>
 struct is_borrowable : std::false_type {};
 template <class T, class A>
-  requires(std::is_arithmetic_v<T> || std::is_same_v<T, std::byte>)
-struct is_borrowable<std::vector<T, A>> : std::bool_constant<!std::is_same_v<T, bool>> {};
+struct is_borrowable<std::vector<T, A>>
+    : std::bool_constant<(std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_same_v<T, std::byte>> {};
 template <class Tr, class A>
 struct is_borrowable<std::basic_string<char, Tr, A>> : std::true_type {};
 
