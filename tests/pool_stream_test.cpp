@@ -151,25 +151,11 @@ std::string large_result_after(int ms) {
 // reads `rest`: with several MiB in `rest`, the parent is still streaming when it misbehaves. Only
 // a worker ever loads them; in the test process they throw std::logic_error instead.
 
-struct KillWhileLoading {
-  int first = 0;
-  std::vector<char> rest;
-  template <class Archive>
-  void save(Archive& ar) const {
-    ar(first, rest);
-  }
-  template <class Archive>
-  void load(Archive& ar) {
-    ar(first);
-    if (in_test_process()) throw std::logic_error("KillWhileLoading was decoded in the test process");
-    ::raise(SIGKILL);
-    ar(rest);
-  }
-};
-
+enum class Misdeed { kill, fail, stall };
 constexpr const char* kRefusal = "ThrowWhileLoading refuses to be decoded";
 
-struct ThrowWhileLoading {
+template <Misdeed M>
+struct MisbehaveWhileLoading {
   int first = 0;
   std::vector<char> rest;
   template <class Archive>
@@ -179,25 +165,22 @@ struct ThrowWhileLoading {
   template <class Archive>
   void load(Archive& ar) {
     ar(first);
-    throw std::runtime_error(std::string(kRefusal) + " (first = " + std::to_string(first) + ")");
+    if constexpr (M == Misdeed::fail) {
+      throw std::runtime_error(std::string(kRefusal) + " (first = " + std::to_string(first) + ")");
+    } else {
+      if (in_test_process()) throw std::logic_error("a misbehaving argument was decoded in the test process");
+      if constexpr (M == Misdeed::kill) {
+        ::raise(SIGKILL);
+      } else {
+        std::this_thread::sleep_for(10s);
+      }
+      ar(rest);
+    }
   }
 };
-
-struct StallWhileLoading {
-  int first = 0;
-  std::vector<char> rest;
-  template <class Archive>
-  void save(Archive& ar) const {
-    ar(first, rest);
-  }
-  template <class Archive>
-  void load(Archive& ar) {
-    ar(first);
-    if (in_test_process()) throw std::logic_error("StallWhileLoading was decoded in the test process");
-    std::this_thread::sleep_for(10s);
-    ar(rest);
-  }
-};
+using KillWhileLoading = MisbehaveWhileLoading<Misdeed::kill>;
+using ThrowWhileLoading = MisbehaveWhileLoading<Misdeed::fail>;
+using StallWhileLoading = MisbehaveWhileLoading<Misdeed::stall>;
 
 int first_of_killer(const KillWhileLoading& k) { return k.first; }
 std::uint64_t killer_and_vector(const KillWhileLoading& k, const std::vector<char>& v) { return sum(v) + k.first; }
