@@ -1698,7 +1698,9 @@ SettleBorrowed::~SettleBorrowed() {
 
 void PoolCore::settle_borrowed(Job& job) noexcept {
   job.abandon();
-  if (backend_) return;
+  // A forked child's copy of the pool never streamed anything (it cannot submit), and its copy of
+  // the lock may be held by a thread that does not exist in it.
+  if (backend_ || impl_->owner != sys::current_pid()) return;
   // Streams run under the state lock: once it is taken, none reads the job's borrowed bytes, and
   // none will (an abandoned job's chunks are never sent).
   std::lock_guard lock(impl_->hub->state);

@@ -372,6 +372,8 @@ TEST(PoolMove, MoveAssignmentTerminatesTheOldPool) {
   expect_cancelled(r);
 }
 
+std::size_t byte_count(const std::vector<char>& v) { return v.size(); }
+
 }  // namespace
 }  // namespace pooltest
 
@@ -388,6 +390,12 @@ TEST(PoolForkedChild, UsingTheParentsPoolInAChildThrowsStateError) {
                                (void)pool->apply(pooltest::square, 3);
                              } catch (const multiproc::StateError&) {
                                code = 7;
+                             }
+                             // A large argument, which apply borrows: the same error, no wait.
+                             try {
+                               (void)pool->apply(pooltest::byte_count, std::vector<char>(std::size_t{2} << 20));
+                               code = 1;
+                             } catch (const multiproc::StateError&) {
                              }
                              pool.reset();  // the inherited copy's destructor
                              ::_exit(code);
