@@ -15,7 +15,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <stdexcept>
@@ -304,6 +306,42 @@ TEST_P(PoolStreamApply, LargeVectorArrivesIntact) {
   EXPECT_EQ(pool.apply(checksum_std_bytes, bytes), sum(bytes));
   const auto text = pattern_string(6 * MiB + 1, 3);
   EXPECT_EQ(pool.apply(checksum_string, text), sum(text));
+}
+
+// apply borrows: the parent's peak memory does not grow by a copy of the argument. (apply_async,
+// which copies at submission, does: the control that the measure sees a copy.) The peak is reset
+// before each call (/proc/self/clear_refs), so earlier tests in this process do not hide it.
+std::size_t peak_growth_bytes(const std::function<void()>& call) {
+  auto resident = [](const char* field) {
+    std::FILE* f = std::fopen("/proc/self/status", "r");
+    std::size_t kib = 0;
+    char line[256];
+    while (f && std::fgets(line, sizeof line, f)) {
+      if (std::strncmp(line, field, std::strlen(field)) == 0)
+        kib = std::strtoull(line + std::strlen(field), nullptr, 10);
+    }
+    if (f) std::fclose(f);
+    return kib * 1024;
+  };
+  std::FILE* clear = std::fopen("/proc/self/clear_refs", "w");
+  if (!clear) return 0;
+  std::fputs("5", clear);
+  std::fclose(clear);
+  const std::size_t before = resident("VmRSS:");
+  call();
+  return resident("VmHWM:") - std::min(before, resident("VmHWM:"));
+}
+
+TEST_P(PoolStreamApply, ApplyMakesNoCopyOfABorrowedArgumentApplyAsyncDoes) {
+  auto pool = make_pool(1);
+  EXPECT_EQ(pool.apply(pooltest::square, 2), 4);
+  const auto big = pattern_chars(64 * MiB, 5);
+  const auto async_growth =
+      peak_growth_bytes([&] { EXPECT_EQ(pool.apply_async(checksum_chars, big).get(), sum(big)); });
+  if (async_growth < 48 * MiB)
+    GTEST_SKIP() << "the peak resident size cannot be measured here (" << async_growth << ")";
+  const auto apply_growth = peak_growth_bytes([&] { EXPECT_EQ(pool.apply(checksum_chars, big), sum(big)); });
+  EXPECT_LT(apply_growth, 16 * MiB) << "apply copied its 64 MiB argument";
 }
 
 TEST_P(PoolStreamApply, MixedArgumentsArriveIntactAndInOrder) {
