@@ -303,6 +303,24 @@ constexpr auto kParentSpin = std::chrono::microseconds(100);
 constexpr std::size_t kPieceBytes = kRingCapacity / 4 - 64;
 constexpr auto kStreamSpin = std::chrono::microseconds(100);
 
+// How either end of a stream waits for the other: spin() says whether to spin once more (for
+// kStreamSpin, reading the clock every 32 turns) or to sleep; after a sleep, it spins again.
+class StreamWait {
+ public:
+  bool spin() noexcept {
+    if ((++turns_ & 31) != 0 || std::chrono::steady_clock::now() < until_) {
+      cpu_relax();
+      return true;
+    }
+    until_ = std::chrono::steady_clock::now() + kStreamSpin;  // for after the sleep
+    return false;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point until_ = std::chrono::steady_clock::now() + kStreamSpin;
+  unsigned turns_ = 0;
+};
+
 // ---- the worker process ----------------------------------------------------------------------
 
 struct WorkerConfig {
@@ -431,18 +449,14 @@ class PieceSource final : public Reader::Source {
     release();
     FrameHeader h{};
     std::span<const std::byte> first;
-    const auto spin_until = std::chrono::steady_clock::now() + kStreamSpin;
-    for (unsigned n = 0;; ++n) {
+    for (StreamWait wait;;) {
       try {
         if (link_.requests.try_peek(h, first, second_)) break;
       } catch (...) {
         broken_ = true;
         throw;
       }
-      if ((n & 31) != 0 || std::chrono::steady_clock::now() < spin_until) {
-        cpu_relax();
-        continue;
-      }
+      if (wait.spin()) continue;
       link_.requests.wait_readable(std::chrono::seconds(1));
       if (!link_.parent_alive()) {
         broken_ = true;
@@ -1333,12 +1347,8 @@ struct PoolCore::Impl {
   void stream_bytes(Worker& w, std::uint64_t seq, std::span<const std::byte> bytes) {
     while (!bytes.empty()) {
       const auto piece = bytes.first(std::min(bytes.size(), kPieceBytes));
-      auto spin_until = std::chrono::steady_clock::now() + kStreamSpin;
-      for (unsigned n = 0; !w.requests.try_send_bytes(FrameTag::piece, seq, piece); ++n) {
-        if ((n & 31) != 0 || std::chrono::steady_clock::now() < spin_until) {
-          cpu_relax();
-          continue;
-        }
+      for (StreamWait wait; !w.requests.try_send_bytes(FrameTag::piece, seq, piece);) {
+        if (wait.spin()) continue;
         w.requests.wait_for_room(FrameRing::footprint(piece.size()), std::chrono::milliseconds(10));
         if (worker_gone(w)) throw ProtocolError("the worker left while its request was streamed to it");
         kill_overdue_workers();
@@ -1353,7 +1363,6 @@ struct PoolCore::Impl {
           w.cancel_killed = true;
           sys::send_signal(w.pid, SIGKILL, true);
         }
-        spin_until = std::chrono::steady_clock::now() + kStreamSpin;
       }
       w.requests.wake_consumer();
       bytes = bytes.subspan(piece.size());
