@@ -341,7 +341,7 @@ TEST_P(PoolStreamApply, ApplyMakesNoCopyOfABorrowedArgumentApplyAsyncDoes) {
   if (async_growth < 48 * MiB)
     GTEST_SKIP() << "the peak resident size cannot be measured here (" << async_growth << ")";
   const auto apply_growth = peak_growth_bytes([&] { EXPECT_EQ(pool.apply(checksum_chars, big), sum(big)); });
-  EXPECT_LT(apply_growth, 16 * MiB) << "apply copied its 64 MiB argument";
+  EXPECT_LT(apply_growth, 32 * MiB) << "apply copied its 64 MiB argument";  // a copy: 64 MiB more
 }
 
 TEST_P(PoolStreamApply, MixedArgumentsArriveIntactAndInOrder) {
