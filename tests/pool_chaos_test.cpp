@@ -160,8 +160,10 @@ const char* fault_name(Fault f) {
   return "?";
 }
 
-constexpr auto kTaskTimeout = 250ms;  // a hang sleeps 240 times as long
-constexpr auto kHang = 60s;
+// A task's limit, far above what a task that does not hang takes even on a loaded machine; a hang
+// sleeps far longer than any limit.
+std::chrono::milliseconds task_timeout() { return scaled(250ms); }
+constexpr auto kHang = 600s;
 
 // How many times each task has started, counted in memory shared with the (forked) workers: with
 // chunk size 1 every task must run exactly once, crash or not (pool.hpp: only the items of a
@@ -271,7 +273,7 @@ std::string check_outcome(const multiproc::Outcome<int>& o, int index, Fault f) 
 }
 
 multiproc::PoolOptions chaos_options() {
-  return {.processes = 4, .task_timeout = kTaskTimeout, .start_method = StartMethod::fork};
+  return {.processes = 4, .task_timeout = task_timeout(), .start_method = StartMethod::fork};
 }
 
 TEST(PoolChaos, AllTasksAccountedFor) {
@@ -359,7 +361,7 @@ TEST(PoolChaos, AllTasksAccountedFor) {
 
   std::ostringstream figures;
   figures << "[chaos] tasks " << n << ", seed " << seed << ", workers 4, chunksize 1, task_timeout "
-          << std::chrono::duration_cast<std::chrono::milliseconds>(kTaskTimeout).count() << " ms\n[chaos] faults:";
+          << task_timeout().count() << " ms\n[chaos] faults:";
   int faults = 0;
   for (Fault f : kFaults) {
     figures << " " << fault_name(f) << " " << planned[static_cast<std::size_t>(f)];
@@ -477,7 +479,7 @@ INSTANTIATE_TEST_SUITE_P(Methods, PoolParentDeath,
                          ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
                          method_name);
 
-TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
+TEST_P(PoolParentDeath, WorkersAreGoneSoonAfterTheParentsSigkill) {
   const StartMethod method = GetParam();
   POOLTEST_SKIP_FORK_PARENT_DEATH_UNDER_TSAN(method);
   test_support::Pipe report;
@@ -514,15 +516,18 @@ TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
     watched.push_back(server);
     roles.emplace_back("fork server");
   }
-  // Let the workers get into their tasks.
+  // Let the workers get into their tasks (not needed for what is checked: an idle worker must go too).
   std::this_thread::sleep_for(300ms);
   for (pid_t p : watched) ASSERT_FALSE(test_support::is_dead(p)) << p << " died before the harness";
 
   ASSERT_EQ(::kill(harness.pid(), SIGKILL), 0);  // the harness alone, not its process group
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::chrono::steady_clock::duration> died(watched.size(), std::chrono::steady_clock::duration::max());
-  // Watched up to 5 s, to say how long a survivor lasted; the limit is 1 s.
-  const auto give_up = t0 + 5s;
+  // The kernel's parent-death signal takes a few milliseconds; the limit only says "promptly, not
+  // never" (1 s on a quiet developer build, scaled). Watched up to twice the limit, to say how long
+  // a survivor lasted.
+  const auto limit = generous(100ms);
+  const auto give_up = t0 + 2 * limit;
   for (;;) {
     bool all = true;
     for (std::size_t i = 0; i < watched.size(); ++i) {
@@ -542,7 +547,7 @@ TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
   for (std::size_t i = 0; i < watched.size(); ++i) {
     figures << " " << roles[i] << " " << watched[i];
     if (died[i] == std::chrono::steady_clock::duration::max()) {
-      figures << " still running after 5000 ms;";
+      figures << " still running after " << (2 * limit).count() << " ms;";
       last = died[i];
     } else {
       const auto us = std::chrono::duration_cast<std::chrono::microseconds>(died[i]).count();
@@ -552,8 +557,9 @@ TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
   }
   std::cout << figures.str() << std::endl;
   for (std::size_t i = 0; i < watched.size(); ++i) {
-    EXPECT_LE(died[i], std::chrono::steady_clock::duration(1s))
-        << roles[i] << " " << watched[i] << " outlived the harness by more than 1 s (" << figures.str() << ")";
+    EXPECT_LE(died[i], std::chrono::steady_clock::duration(limit))
+        << roles[i] << " " << watched[i] << " outlived the harness by more than " << limit.count() << " ms ("
+        << figures.str() << ")";
   }
   if (last != std::chrono::steady_clock::duration::max()) {
     RecordProperty("all_gone_us",
@@ -567,7 +573,7 @@ TEST_P(PoolParentDeath, WorkersAreGoneWithinOneSecondOfTheParentsSigkill) {
     if (!test_support::is_dead(p)) ::kill(p, SIGKILL);
   }
   for (pid_t p : watched) (void)test_support::wait_exit(p, 2000ms);
-  EXPECT_TRUE(eventually([] { return has_no_children(); }, 2000ms)) << join_pids(test_support::child_pids());
+  EXPECT_TRUE(eventually([] { return has_no_children(); })) << join_pids(test_support::child_pids());
 }
 
 }  // namespace

@@ -330,17 +330,24 @@ TEST_P(PoolTest, MapOfPlainValuesMatchesItemByItemEncoding) {
   }
 }
 
+// Counts itself in `started`, then waits until `want` items have started (true) or gives up after
+// a while (false): `want` items can only meet if they run at the same time, on different workers.
+bool meet(multiproc::Value<int> started, int want) {
+  started.update([](int n) { return n + 1; });
+  return eventually([&] { return started.get() >= want; }, 10s);
+}
+
 TEST_P(PoolTest, MapAutoChunkingSplitsAcrossWorkers) {
-  // Auto chunk size is len / (4 × workers): with 4 × workers sleeping items of 50 ms, each worker
-  // gets work, so the whole map takes far less than running them one after another.
+  // Auto chunk size is len / (4 × workers): with 4 × workers items, each worker gets work at once,
+  // so the first item of every worker runs at the same time as the others.
   auto pool = make_pool();
   if (workers() == 1) GTEST_SKIP() << "needs several workers";
-  std::vector<int> xs(static_cast<std::size_t>(4 * workers()), 50);
-  const auto t0 = std::chrono::steady_clock::now();
-  const auto ys = pool.map(sleep_ms_then_return, xs);
-  const auto elapsed = std::chrono::steady_clock::now() - t0;
-  EXPECT_EQ(ys, xs);
-  EXPECT_LT(elapsed, std::chrono::milliseconds(50 * 4 * workers() - 100));
+  multiproc::Value<int> started;
+  const std::vector<std::tuple<multiproc::Value<int>, int>> items(static_cast<std::size_t>(4 * workers()),
+                                                                  {started, workers()});
+  const auto met = pool.starmap(meet, items);
+  EXPECT_EQ(met, std::vector<bool>(items.size(), true)) << "the items did not run on every worker at once";
+  EXPECT_EQ(started.get(), 4 * workers());
 }
 
 TEST_P(PoolTest, MapAsyncGetWaitWaitForReadySuccessful) {
@@ -364,7 +371,7 @@ TEST_P(PoolTest, MapAsyncGetWaitWaitForReadySuccessful) {
 TEST_P(PoolTest, MapAsyncUnsuccessfulWhenATaskThrows) {
   auto pool = make_pool();
   auto r = pool.map_async(fails_on_multiples_of_7, range_vector(1, 30), 3);
-  EXPECT_TRUE(r.wait_for(5s));
+  EXPECT_TRUE(r.wait_for(scaled(5s)));
   EXPECT_TRUE(r.ready());
   EXPECT_FALSE(r.successful());
   // The first failing element in input order: 7.
@@ -568,11 +575,13 @@ TEST_P(PoolTest, ImapUnorderedGivesTheSameMultiset) {
 TEST_P(PoolTest, ImapUnorderedYieldsInCompletionOrder) {
   if (workers() == 1) GTEST_SKIP() << "needs several workers";
   auto pool = make_pool();
-  // The first item sleeps; the others finish first and come out first.
+  // The first item sleeps (long enough for a slow worker to start and run the others); the others
+  // finish first and come out first.
+  const int slow = static_cast<int>(scaled(1s).count());
   std::vector<int> got;
-  for (int y : pool.imap_unordered(sleep_ms_then_return, std::vector<int>{400, 1, 2, 3})) got.push_back(y);
+  for (int y : pool.imap_unordered(sleep_ms_then_return, std::vector<int>{slow, 1, 2, 3})) got.push_back(y);
   ASSERT_EQ(got.size(), 4u);
-  EXPECT_EQ(got.back(), 400);
+  EXPECT_EQ(got.back(), slow);
 }
 
 TEST_P(PoolTest, ImapOverEndlessIotaStoppedEarly) {
@@ -599,24 +608,36 @@ TEST_P(PoolTest, ImapOverEndlessIotaStoppedEarly) {
   EXPECT_EQ(pool.apply(square, 3), 9);
 }
 
+// Counts itself in `ran`, then sleeps 5 ms.
+int count_and_sleep(multiproc::Value<int> ran) {
+  ran.update([](int n) { return n + 1; });
+  return sleep_ms_then_return(5);
+}
+
 TEST_P(PoolTest, ImapRangeDestroyedEarlyThenPoolStillWorks) {
   auto pool = make_pool();
+  multiproc::Value<int> ran;
   {
-    auto range = pool.imap(sleep_ms_then_return, std::vector<int>(200, 5));
+    auto range = pool.imap(count_and_sleep, std::vector<multiproc::Value<int>>(200, ran));
     int seen = 0;
     for (int y : range) {
       EXPECT_EQ(y, 5);
       if (++seen == 3) break;
     }
   }  // dropped with most of its items not run
-  const auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(pool.map(square, iota_vector(100)), squares(100));
   EXPECT_EQ(pool.apply(add, 1, 2), 3);
-  // The dropped items (200 × 5 ms) do not run before the new work.
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(900 / workers()));
   // An imap range never iterated, destroyed at once.
   { auto unused = pool.imap(square, iota_vector(10)); }
   EXPECT_EQ(pool.apply(square, 4), 16);
+  pool.close();
+  pool.join();  // anything of the dropped range still queued would run before this returns
+  // The range had submitted a window of max(8 × workers, 32) items; dropping it cancelled those not
+  // yet running, so fewer ran than were submitted.
+  const int window = std::max(8 * workers(), 32);
+  EXPECT_GE(ran.get(), 3);
+  EXPECT_LT(ran.get(), window) << "the items of a dropped imap range ran after it was dropped";
+  RecordProperty("dropped_range_items_run", ran.get());
 }
 
 TEST_P(PoolTest, ImapItemErrorThrowsOnDereferenceAndIterationGoesOn) {

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -15,26 +17,12 @@
 
 #include "test_support.hpp"
 
-// POOLTEST_ASAN: built with AddressSanitizer (gcc or clang), for the tests that must adapt to it.
-#if defined(__SANITIZE_ADDRESS__)
-#define POOLTEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+// POOLTEST_ASAN: defined in builds with AddressSanitizer (gcc or clang), for the tests that must
+// adapt to it; POOLTEST_TSAN: 1 in builds with ThreadSanitizer, else 0.
+#if TESTSUPPORT_ASAN
 #define POOLTEST_ASAN 1
 #endif
-#endif
-
-// POOLTEST_TSAN: built with ThreadSanitizer.
-#if defined(__SANITIZE_THREAD__)
-#define POOLTEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define POOLTEST_TSAN 1
-#endif
-#endif
-#ifndef POOLTEST_TSAN
-#define POOLTEST_TSAN 0
-#endif
+#define POOLTEST_TSAN TESTSUPPORT_TSAN
 
 // ThreadSanitizer postpones asynchronous signals to its own safe points, and in a child forked from
 // a multi-threaded process a worker blocked in a task never reaches one: the parent-death signal
@@ -63,6 +51,29 @@ inline int square(int x) { return x * x; }
 inline int add(int a, int b) { return a + b; }
 inline pid_t pid_of_worker(int) { return ::getpid(); }
 inline int sleep_ms_then_return(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+
+/// A new empty file's path under /tmp (the caller unlinks it).
+inline std::string temp_file() {
+  char tmpl[] = "/tmp/multiproc-test-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  if (fd >= 0) ::close(fd);
+  return tmpl;
+}
+
+/// The number of lines in the file at `path`.
+inline std::size_t lines_in(const std::string& path) {
+  std::ifstream in(path);
+  std::size_t n = 0;
+  for (std::string line; std::getline(in, line);) ++n;
+  return n;
+}
+
+/// Appends a line to `path` (so a test can wait until the task has started), then sleeps `ms`.
+inline int append_line_then_sleep(std::string path, int ms) {
+  std::ofstream(path, std::ios::app) << "started\n";
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   return ms;
 }
@@ -97,16 +108,9 @@ inline bool contains(const std::vector<pid_t>& pids, pid_t pid) {
   return std::find(pids.begin(), pids.end(), pid) != pids.end();
 }
 
-/// Polls `pred` every few milliseconds until it holds or `timeout` passes.
-template <class Pred>
-bool eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(2ms);
-  }
-  return true;
-}
+using test_support::eventually;
+using test_support::generous;
+using test_support::scaled;
 
 /// Crashing workers must not write core files (slow, and litter the build tree): a limit of 1
 /// byte disables both file and pipe (systemd-coredump, apport) dumps.

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <optional>
@@ -22,9 +24,76 @@
 #include <string>
 #include <thread>
 
+// TESTSUPPORT_ASAN / TESTSUPPORT_TSAN: 1 in builds with AddressSanitizer / ThreadSanitizer.
+#if defined(__SANITIZE_ADDRESS__)
+#define TESTSUPPORT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TESTSUPPORT_ASAN 1
+#endif
+#endif
+#ifndef TESTSUPPORT_ASAN
+#define TESTSUPPORT_ASAN 0
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define TESTSUPPORT_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TESTSUPPORT_TSAN 1
+#endif
+#endif
+#ifndef TESTSUPPORT_TSAN
+#define TESTSUPPORT_TSAN 0
+#endif
+
 namespace test_support {
 
 using namespace std::chrono_literals;
+
+// Time in tests. A test asserts what happened, not how fast: a bound on elapsed time exists only
+// where it is the point (a timeout fires, a call does not hang, a cancel is prompt), and then it is
+// generous. Expected durations are those of a quiet developer build; scaled() stretches them for
+// builds and machines that are slower (sanitizers, a loaded or slower CI machine), so that the same
+// test holds on a machine whose processes start several times slower with every core busy.
+
+/// How many times slower than a quiet developer build this run may be: 1, 3 under AddressSanitizer,
+/// 5 under ThreadSanitizer, times MULTIPROC_TEST_SLOWDOWN from the environment when set (> 0).
+inline double slowdown() {
+  static const double factor = [] {
+    double f = TESTSUPPORT_TSAN ? 5.0 : TESTSUPPORT_ASAN ? 3.0 : 1.0;
+    if (const char* env = std::getenv("MULTIPROC_TEST_SLOWDOWN")) {
+      const double extra = std::strtod(env, nullptr);
+      if (extra > 0) f *= extra;
+    }
+    return f;
+  }();
+  return factor;
+}
+
+/// `d` stretched by slowdown(): the patience for something that takes up to `d` on a quiet machine.
+template <class Rep, class Period>
+std::chrono::milliseconds scaled(std::chrono::duration<Rep, Period> d) {
+  const auto ms = std::chrono::duration<double, std::milli>(d).count() * slowdown();
+  return std::chrono::milliseconds(static_cast<long long>(ms + 0.5));
+}
+
+/// An upper bound for something expected to take `expected`: ten times it, scaled. Use it only
+/// where the bound is the point of the test (promptness), never to measure speed.
+template <class Rep, class Period>
+std::chrono::milliseconds generous(std::chrono::duration<Rep, Period> expected) {
+  return scaled(expected * 10);
+}
+
+/// Polls `pred` every few milliseconds until it holds or scaled(`timeout`) passes; true when it held.
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return pred();
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
 
 /// Redirects fd 2 to an anonymous file until finish() (or destruction) restores it.
 class StderrCapture {
@@ -102,9 +171,9 @@ inline void write_pid(int fd, pid_t pid) noexcept {
   (void)r;
 }
 
-/// Reads a pid written by write_pid, waiting at most `timeout`; 0 on EOF or timeout.
+/// Reads a pid written by write_pid, waiting at most scaled(timeout); 0 on EOF or timeout.
 inline pid_t read_pid(int fd, std::chrono::milliseconds timeout = 5000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
   pid_t pid = 0;
   std::size_t got = 0;
   auto* p = reinterpret_cast<char*>(&pid);
@@ -152,9 +221,9 @@ inline bool is_dead(pid_t pid) {
   return s == 0 || s == 'Z' || s == 'X';
 }
 
-/// Waits until is_dead(pid) or the timeout passes.
-inline bool wait_dead(pid_t pid, std::chrono::milliseconds timeout = 2000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+/// Waits until is_dead(pid) or scaled(timeout) passes.
+inline bool wait_dead(pid_t pid, std::chrono::milliseconds timeout = 5000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
   while (!is_dead(pid)) {
     if (std::chrono::steady_clock::now() > deadline) return false;
     std::this_thread::sleep_for(5ms);
@@ -162,9 +231,9 @@ inline bool wait_dead(pid_t pid, std::chrono::milliseconds timeout = 2000ms) {
   return true;
 }
 
-/// waitpid(pid) polled with WNOHANG until the timeout; the wait status, or nullopt on timeout.
+/// waitpid(pid) polled with WNOHANG until scaled(timeout); the wait status, or nullopt on timeout.
 inline std::optional<int> wait_exit(pid_t pid, std::chrono::milliseconds timeout = 5000ms) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto deadline = std::chrono::steady_clock::now() + scaled(timeout);
   for (;;) {
     int status = 0;
     const pid_t r = ::waitpid(pid, &status, WNOHANG);
@@ -174,6 +243,24 @@ inline std::optional<int> wait_exit(pid_t pid, std::chrono::milliseconds timeout
     if (std::chrono::steady_clock::now() > deadline) return std::nullopt;
     std::this_thread::sleep_for(2ms);
   }
+}
+
+/// True when a thread of process `pid` is blocked in nanosleep or clock_nanosleep (a task in
+/// std::this_thread::sleep_for), read from /proc/<pid>/task/*/syscall: a test can wait until a
+/// worker is in its task rather than sleep for a while and hope.
+inline bool is_in_sleep_call(pid_t pid) {
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  DIR* d = ::opendir(tasks.c_str());
+  if (!d) return false;
+  bool sleeping = false;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(tasks + "/" + e->d_name + "/syscall");
+    long number = -1;
+    if (f >> number && (number == SYS_nanosleep || number == SYS_clock_nanosleep)) sleeping = true;
+  }
+  ::closedir(d);
+  return sleeping;
 }
 
 /// The pids of this process's children, running or zombie (from /proc), except the fork server,
