@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds multiproc and runs every test: scripts/test.sh [--quick]
+# Builds multiproc and runs every test: scripts/test.sh [--quick] [--suite NAME]... [--busy]
 #
 # Installs the Debian packages it needs when they are missing, then, each in its own build folder:
 #   build/       the developer build (RelWithDebInfo, warnings as errors) and every CTest test
@@ -8,31 +8,71 @@
 #   build-fuzz/  the libFuzzer targets, each run for MULTIPROC_FUZZ_SECONDS (60 by default), then
 #                every saved regression input (scripts/fuzz.sh does this part alone)
 #   --quick      only build/ (for a quick local check; CI runs everything)
+#   --suite S    only suite S (build, asan, tsan or fuzz); may be given several times
+#   --busy       keeps every core busy with a spinning process for the whole run, to check that the
+#                tests hold on a loaded machine (they assert what happens, never how fast)
 # Every suite runs even when an earlier one failed. Exits with the first failing suite's status,
-# 0 when every test passed.
+# 0 when every test passed. Each suite's time is printed as it ends.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/deps.sh
 source scripts/deps.sh
 
-quick=0
-for arg in "$@"; do
-  case $arg in
-    --quick) quick=1 ;;
+suites=()
+busy=0
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --quick) suites+=(build) ;;
+    --busy) busy=1 ;;
+    --suite)
+      case ${2:-} in
+        build | asan | tsan | fuzz) suites+=("$2") ;;
+        *)
+          echo "scripts/test.sh: --suite takes build, asan, tsan or fuzz" >&2
+          exit 2
+          ;;
+      esac
+      shift
+      ;;
     -h | --help)
-      sed -n '2,12p' scripts/test.sh | sed 's/^# \{0,1\}//'
+      sed -n '2,15p' scripts/test.sh | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
-      echo "scripts/test.sh: unknown argument '$arg' (try --help)" >&2
+      echo "scripts/test.sh: unknown argument '$1' (try --help)" >&2
       exit 2
       ;;
   esac
+  shift
 done
+[[ ${#suites[@]} -gt 0 ]] || suites=(build asan tsan fuzz)
+# wanted SUITE: whether SUITE is to run.
+wanted() {
+  local s
+  for s in "${suites[@]}"; do [[ $s == "$1" ]] && return 0; done
+  return 1
+}
 
 multiproc_install_deps
 
+spinners=()
+stop_spinners() {
+  local pid
+  for pid in "${spinners[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${spinners[@]}"; do wait "$pid" 2>/dev/null || true; done
+  spinners=()
+}
+if [[ $busy == 1 ]]; then
+  trap stop_spinners EXIT
+  for ((i = 0; i < $(nproc); ++i)); do
+    sh -c 'while :; do :; done' &
+    spinners+=($!)
+  done
+  echo "=== every core kept busy by ${#spinners[@]} spinning processes" >&2
+fi
+
 status=0
+started=$SECONDS
 # record RC: remembers the first failure.
 record() {
   if [[ $1 -ne 0 && $status -eq 0 ]]; then
@@ -54,10 +94,10 @@ run_suite() {
   record "$rc"
 }
 
-run_suite build
-if [[ $quick == 0 ]]; then
-  run_suite build-asan -DMULTIPROC_SANITIZE=ON
-  CC=clang CXX=clang++ run_suite build-tsan -DMULTIPROC_TSAN=ON -DCMAKE_CXX_COMPILER=clang++
+if wanted build; then run_suite build; fi
+if wanted asan; then run_suite build-asan -DMULTIPROC_SANITIZE=ON; fi
+if wanted tsan; then CC=clang CXX=clang++ run_suite build-tsan -DMULTIPROC_TSAN=ON -DCMAKE_CXX_COMPILER=clang++; fi
+if wanted fuzz; then
   start=$SECONDS
   echo "=== build-fuzz" >&2
   rc=0
@@ -65,4 +105,5 @@ if [[ $quick == 0 ]]; then
   echo "=== build-fuzz: $([[ $rc -eq 0 ]] && echo passed || echo "FAILED ($rc)") in $((SECONDS - start)) s" >&2
   record "$rc"
 fi
+echo "=== all: $([[ $status -eq 0 ]] && echo passed || echo "FAILED ($status)") in $((SECONDS - started)) s" >&2
 exit "$status"
