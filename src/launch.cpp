@@ -437,6 +437,8 @@ Child launch(StartMethod method, std::span<const int> fds) {
     case StartMethod::spawn:
       return exec_child("child", fds, true);
     case StartMethod::forkserver:
+      // The server forks, not this process: flush here, as fork_process does before it forks.
+      sys::flush_output();
       return fork_server().launch(fds);
     case StartMethod::fork:
       break;

@@ -5,6 +5,7 @@
 #include <link.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <stdio_ext.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -175,18 +176,6 @@ bool writes_through_to_stdio(const std::ostream& stream) noexcept {
 #endif
 }
 
-// Output still buffered would otherwise be written twice, once by each process (before fork), or
-// lost (at a child's _exit). Flushing a stream that writes through to stdio would only repeat
-// fflush(stdout) and rewrite its FILE, a page that parent and child would then each copy.
-void flush_output() noexcept {
-  try {
-    if (!writes_through_to_stdio(std::cout)) std::cout.flush();
-    if (!writes_through_to_stdio(std::cerr)) std::cerr.flush();
-  } catch (...) {
-  }
-  std::fflush(nullptr);
-}
-
 // Library calls that a forked child makes and its parent may not: with lazy binding (a program
 // not linked with -z now) each child would look them up again, reading symbol tables it does not
 // have mapped yet. One call here binds them in the parent, for all its children.
@@ -199,6 +188,19 @@ void bind_child_calls() noexcept {
 }
 
 }  // namespace
+
+// Output still buffered would otherwise be written twice, once by each process (before fork), or
+// lost (at a child's _exit), or come out after the output of a child started later. Flushing a stream that writes
+// through to stdio would only repeat fflush(stdout) and rewrite its FILE, a page that parent and child would then each
+// copy.
+void flush_output() noexcept {
+  try {
+    if (!writes_through_to_stdio(std::cout)) std::cout.flush();
+    if (!writes_through_to_stdio(std::cerr)) std::cerr.flush();
+  } catch (...) {
+  }
+  std::fflush(nullptr);
+}
 
 namespace detail_fork {
 
@@ -224,6 +226,11 @@ pid_t fork_prepare_and_fork(sigset_t& old_mask) {
 }
 
 void child_setup(const ForkOptions& options, const sigset_t& old_mask, pid_t parent) noexcept {
+  // The parent flushed before fork, but another of its threads may have printed since: what stdout
+  // and stderr hold now is the parent's to write, and the child's exit must not write it again.
+  // __fpurge takes no lock, so a lock some other thread of the parent held cannot stop it.
+  ::__fpurge(stdout);
+  ::__fpurge(stderr);
   // Exec's rule: caught signals go back to their default action, ignored ones stay ignored. The
   // parent's handlers belong to the parent's state (its threads, its event loop), not ours.
   reset_caught_signal_handlers();

@@ -139,6 +139,10 @@ struct ForkOptions {
 template <class F>
 pid_t fork_process(const ForkOptions& options, F&& child_main);
 
+/// Flushes std::cout, std::cerr and every stdio stream: before a child is started by any method
+/// (so that what the caller printed comes first, and once), and at a forked child's exit.
+void flush_output() noexcept;
+
 /// pidfd_open(2); returns an invalid fd where the kernel or a sandbox refuses (ENOSYS, EPERM),
 /// in which case callers fall back to waitid(P_PID).
 UniqueFd pidfd_open(pid_t pid);

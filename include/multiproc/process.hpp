@@ -16,6 +16,11 @@
 //     "Process <name>:" and the exception's type and message to stderr and exits with code 1,
 //     as Python does. The child ends with _exit(2): the parent's atexit handlers and static
 //     destructors do not run in it, but stdio is flushed.
+//   - Output is written once, in order (Python's contract, for every start method, for Process
+//     and pool workers alike): start() flushes std::cout, std::cerr and every stdio stream before
+//     the child exists, so what the parent printed comes first; a forked child discards what
+//     stdout and stderr still held from the parent (another thread may have printed after that
+//     flush) and never writes it; a child flushes its own output before it exits.
 //   - The child gets its own process group, so terminate() and kill() reach the processes it
 //     started too. Signal handlers the parent installed are reset to their defaults in the child
 //     (ignored signals stay ignored, as across exec).
