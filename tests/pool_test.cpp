@@ -726,6 +726,51 @@ TEST_P(PoolTest, InvokeAllReturnsEachComputationsOwnType) {
   EXPECT_GT(primes, 0u);
 }
 
+// Second and third computations of the invoke_all tests below: the second fails late, the third
+// at once, so that the first error in time is not the first by position.
+int fails_late(const std::vector<int>& v) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  throw std::invalid_argument("second of " + std::to_string(v.size()));
+}
+std::string fails_at_once(const std::vector<int>& v) {
+  throw std::runtime_error("third of " + std::to_string(v.size()));
+}
+
+TEST_P(PoolTest, InvokeAllThrowsTheFirstErrorByPositionOnceAllHaveEnded) {
+  auto pool = make_pool();
+  const std::vector<int> input = iota_vector(100);
+  try {
+    (void)pool.invoke_all(input, mean_of, fails_late, fails_at_once, count_primes);
+    FAIL() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "second of 100");
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not the second computation's error: " << e.what();
+  }
+  EXPECT_EQ(pool.apply(square, 3), 9);
+}
+
+TEST_P(PoolTest, InvokeAllOutcomesKeepsEveryValueAndEveryError) {
+  auto pool = make_pool();
+  const std::vector<int> input = iota_vector(100);
+  auto [mean, second, third, primes] =
+      pool.invoke_all_outcomes(input, mean_of, fails_late, fails_at_once, count_primes);
+  static_assert(std::is_same_v<decltype(mean), multiproc::Outcome<double>>);
+  static_assert(std::is_same_v<decltype(third), multiproc::Outcome<std::string>>);
+  ASSERT_TRUE(mean.has_value());
+  EXPECT_EQ(mean.value(), mean_of(input));
+  ASSERT_TRUE(primes.has_value());
+  EXPECT_EQ(primes.value(), count_primes(input));
+  ASSERT_FALSE(second.has_value());
+  EXPECT_THROW(std::rethrow_exception(second.error()), std::invalid_argument);
+  ASSERT_FALSE(third.has_value());
+  try {
+    std::rethrow_exception(third.error());
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "third of 100");
+  }
+}
+
 // ---- map_outcomes ------------------------------------------------------------------------------
 
 TEST_P(PoolTest, MapOutcomesHoldsErrorsInPlace) {

@@ -343,6 +343,23 @@ class AsyncResult {
   std::exception_ptr error_;
 };
 
+namespace detail {
+/// The outcome of an asynchronous call: waits, then its value or its error.
+template <class T>
+Outcome<stored_t<T>> outcome_of(AsyncResult<T>& r) {
+  try {
+    if constexpr (std::is_void_v<T>) {
+      std::move(r).get();
+      return Outcome<std::monostate>(std::monostate{});
+    } else {
+      return Outcome<T>(std::move(r).get());
+    }
+  } catch (...) {
+    return Outcome<stored_t<T>>(std::current_exception());
+  }
+}
+}  // namespace detail
+
 class Pool;
 
 /// The lazy result range of imap / imap_unordered: an input range, iterated once. Keeps a
@@ -528,12 +545,28 @@ class Pool {
   }
 
   /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
-  /// A large input streams to each worker from where it lies, as apply's arguments do.
+  /// A large input streams to each worker from where it lies, as apply's arguments do. Returns once
+  /// every computation has ended; if any failed, throws the error of the first failed one by
+  /// position (as map throws its first failed element's), whichever failed first in time.
   template <class Input, class... Fs>
   auto invoke_all(const Input& input, Fs&&... fs) {
     detail::SettleBorrowed borrowed{&core()};
     auto results = std::make_tuple(submit_apply<true>(CallOptions{}, fs, &borrowed, input)...);
-    return std::apply([](auto&... r) { return std::make_tuple(std::move(r).get()...); }, results);
+    std::apply([](auto&... r) { (r.wait(), ...); }, results);
+    // A braced list evaluates left to right: the first error by position is the one thrown.
+    return std::apply(
+        [](auto&... r) {
+          return std::tuple<typename std::remove_cvref_t<decltype(r)>::value_type...>{std::move(r).get()...};
+        },
+        results);
+  }
+  /// Like invoke_all, but every computation's outcome — value or error — instead of the first
+  /// error: (Outcome<R1>, Outcome<R2>, ...).
+  template <class Input, class... Fs>
+  auto invoke_all_outcomes(const Input& input, Fs&&... fs) {
+    detail::SettleBorrowed borrowed{&core()};
+    auto results = std::make_tuple(submit_apply<true>(CallOptions{}, fs, &borrowed, input)...);
+    return std::apply([](auto&... r) { return std::tuple{detail::outcome_of(r)...}; }, results);
   }
 
   // ---- maps ----------------------------------------------------------------------------------
