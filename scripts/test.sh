@@ -3,12 +3,15 @@
 #
 # Installs the Debian packages it needs when they are missing, then, each in its own build folder:
 #   build/       the developer build (RelWithDebInfo, warnings as errors) and every CTest test
-#   build-asan/  the same under AddressSanitizer + UndefinedBehaviorSanitizer
-#   build-tsan/  the same under ThreadSanitizer (clang)
+#   build-user/  a user's build: Release with default options (warnings are not errors), every
+#                target built, then the package tests: an installed find_package and pkg-config
+#                consumer, and a consumer that takes multiproc in with add_subdirectory
+#   build-asan/  the developer build under AddressSanitizer + UndefinedBehaviorSanitizer
+#   build-tsan/  the developer build under ThreadSanitizer (clang)
 #   build-fuzz/  the libFuzzer targets, each run for MULTIPROC_FUZZ_SECONDS (60 by default), then
 #                every saved regression input (scripts/fuzz.sh does this part alone)
 #   --quick      only build/ (for a quick local check; CI runs everything)
-#   --suite S    only suite S (build, asan, tsan or fuzz); may be given several times
+#   --suite S    only suite S (build, user, asan, tsan or fuzz); may be given several times
 #   --busy       keeps every core busy with a spinning process for the whole run, to check that the
 #                tests hold on a loaded machine (they assert what happens, never how fast)
 # Every suite runs even when an earlier one failed. Exits with the first failing suite's status,
@@ -26,16 +29,16 @@ while [[ $# -gt 0 ]]; do
     --busy) busy=1 ;;
     --suite)
       case ${2:-} in
-        build | asan | tsan | fuzz) suites+=("$2") ;;
+        build | user | asan | tsan | fuzz) suites+=("$2") ;;
         *)
-          echo "scripts/test.sh: --suite takes build, asan, tsan or fuzz" >&2
+          echo "scripts/test.sh: --suite takes build, user, asan, tsan or fuzz" >&2
           exit 2
           ;;
       esac
       shift
       ;;
     -h | --help)
-      sed -n '2,15p' scripts/test.sh | sed 's/^# \{0,1\}//'
+      sed -n '2,18p' scripts/test.sh | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
@@ -45,7 +48,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-[[ ${#suites[@]} -gt 0 ]] || suites=(build asan tsan fuzz)
+[[ ${#suites[@]} -gt 0 ]] || suites=(build user asan tsan fuzz)
 # wanted SUITE: whether SUITE is to run.
 wanted() {
   local s
@@ -95,6 +98,16 @@ run_suite() {
 }
 
 if wanted build; then run_suite build; fi
+if wanted user; then
+  start=$SECONDS
+  echo "=== build-user" >&2
+  rc=0
+  # Exactly what a user types: no developer switch, the compiler's own warnings only.
+  { cmake -S . -B build-user -DCMAKE_BUILD_TYPE=Release && cmake --build build-user -j"$(multiproc_jobs)" &&
+    ctest --test-dir build-user -L package --output-on-failure; } || rc=$?
+  echo "=== build-user: $([[ $rc -eq 0 ]] && echo passed || echo "FAILED ($rc)") in $((SECONDS - start)) s" >&2
+  record "$rc"
+fi
 if wanted asan; then run_suite build-asan -DMULTIPROC_SANITIZE=ON; fi
 if wanted tsan; then CC=clang CXX=clang++ run_suite build-tsan -DMULTIPROC_TSAN=ON -DCMAKE_CXX_COMPILER=clang++; fi
 if wanted fuzz; then

@@ -4,6 +4,9 @@
 #include <map>
 #include <multiproc/multiproc.hpp>
 #include <string>
+#include <vector>
+
+int square(int x) { return x * x; }
 
 int main() {
   const int cpus = multiproc::cpu_count();
@@ -17,5 +20,14 @@ int main() {
     return 1;
   }
   std::puts("codec round trip ok");
+
+  // A pool, as a user's first program has one: two workers, a map, an apply.
+  multiproc::Pool pool{{.processes = 2}};
+  const std::vector<int> squares = pool.map(square, std::vector<int>{1, 2, 3, 4});
+  if (squares != std::vector<int>{1, 4, 9, 16} || pool.apply(square, 7) != 49) {
+    std::puts("pool results wrong");
+    return 1;
+  }
+  std::puts("pool ok");
   return 0;
 }

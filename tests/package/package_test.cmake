@@ -1,6 +1,18 @@
 # The consumer-package test: installs this build into a scratch prefix, then builds and runs
 # tests/package/ against it twice, through find_package(multiproc) and through pkg-config.
 # Included from tests/CMakeLists.txt.
+
+# In a user's build (no developer or sanitizer switch), multiproc is also built as a subproject of
+# tests/package/subproject, in Release with default options: what add_subdirectory users get.
+if(NOT MULTIPROC_DEVELOPER AND NOT MULTIPROC_SANITIZE AND NOT MULTIPROC_TSAN)
+  add_test(NAME package.add_subdirectory_consumer
+    COMMAND "${CMAKE_CURRENT_LIST_DIR}/run_subproject.sh"
+            "${PROJECT_SOURCE_DIR}"
+            "${CMAKE_CURRENT_BINARY_DIR}/subproject_test"
+            "${CMAKE_CXX_COMPILER}")
+  set_tests_properties(package.add_subdirectory_consumer PROPERTIES TIMEOUT 600 LABELS package)
+endif()
+
 if(NOT MULTIPROC_INSTALL)
   return()
 endif()
