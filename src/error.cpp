@@ -26,9 +26,9 @@ TaskError::TaskError(std::string type_name, std::string message, pid_t worker_pi
     : BasicError(type_name + ": " + message + " (in worker " + std::to_string(worker_pid) + ")"),
       RemoteErrorInfo(std::move(type_name), std::move(message), worker_pid) {}
 
-WorkerCrashed::WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index)
-    : BasicError("worker " + std::to_string(worker_pid) + " " + status.to_string() + " while running task " +
-                 std::to_string(task_index)),
+WorkerCrashed::WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index, const std::string& task)
+    : BasicError("worker " + std::to_string(worker_pid) + " " + status.to_string() + " while running " +
+                 (task.empty() ? "task " + std::to_string(task_index) : task)),
       status_(status),
       worker_pid_(worker_pid),
       task_index_(task_index) {}

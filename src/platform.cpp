@@ -1,5 +1,6 @@
 #include "platform.hpp"
 
+#include <dlfcn.h>
 #include <elf.h>
 #include <fcntl.h>
 #include <link.h>
@@ -967,6 +968,67 @@ std::size_t resident_bytes() noexcept {
   unsigned long size = 0, resident = 0;
   if (std::sscanf(buf, "%lu %lu", &size, &resident) != 2) return 0;
   return static_cast<std::size_t>(resident) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+namespace {
+
+// The function symbol of the ELF file at `path` whose range holds `offset` (an address relative
+// to the module's load base): its .symtab, read whole. Empty when there is none.
+std::string symtab_name(const char* path, std::uintptr_t offset) {
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  struct stat st {};
+  void* map = MAP_FAILED;
+  if (::fstat(fd, &st) == 0 && st.st_size > static_cast<off_t>(sizeof(ElfW(Ehdr))))
+    map = ::mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) return {};
+  const auto size = static_cast<std::size_t>(st.st_size);
+  const auto* base = static_cast<const unsigned char*>(map);
+  std::string name;
+  const auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(base);
+  const bool is_elf = std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_shentsize == sizeof(ElfW(Shdr)) &&
+                      eh->e_shoff < size && eh->e_shnum <= (size - eh->e_shoff) / sizeof(ElfW(Shdr));
+  // `offset` is what the symbols hold: an address relative to the load base for a shared object or
+  // a PIE, the absolute address for a position-dependent executable (symbol_name chooses).
+  const std::uintptr_t wanted = offset;
+  for (std::size_t i = 0; is_elf && i < eh->e_shnum && name.empty(); ++i) {
+    const auto* sh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff) + i;
+    if (sh->sh_type != SHT_SYMTAB || sh->sh_entsize != sizeof(ElfW(Sym)) || sh->sh_link >= eh->e_shnum) continue;
+    const auto* strh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff) + sh->sh_link;
+    if (sh->sh_offset > size || sh->sh_size > size - sh->sh_offset || strh->sh_offset > size ||
+        strh->sh_size > size - strh->sh_offset)
+      continue;
+    const auto* syms = reinterpret_cast<const ElfW(Sym)*>(base + sh->sh_offset);
+    const std::size_t count = sh->sh_size / sizeof(ElfW(Sym));
+    const char* strings = reinterpret_cast<const char*>(base + strh->sh_offset);
+    for (std::size_t k = 0; k < count; ++k) {
+      const ElfW(Sym)& sym = syms[k];
+      if (ELF64_ST_TYPE(sym.st_info) != STT_FUNC || sym.st_name >= strh->sh_size) continue;
+      if (wanted >= sym.st_value && wanted < sym.st_value + std::max<std::uint64_t>(sym.st_size, 1)) {
+        name.assign(strings + sym.st_name, ::strnlen(strings + sym.st_name, strh->sh_size - sym.st_name));
+        break;
+      }
+    }
+  }
+  ::munmap(map, size);
+  return name;
+}
+
+}  // namespace
+
+std::string symbol_name(const void* address) {
+  Dl_info info{};
+  if (!address || ::dladdr(address, &info) == 0) return {};
+  if (info.dli_sname && info.dli_saddr) return info.dli_sname;
+  if (!info.dli_fname) return {};
+  const auto offset = reinterpret_cast<std::uintptr_t>(address) - reinterpret_cast<std::uintptr_t>(info.dli_fbase);
+  // For the main program dladdr answers with argv[0], which may be relative to another directory.
+  const bool main_program = !info.dli_fname[0] || std::strcmp(info.dli_fname, program_invocation_name) == 0;
+  const char* path = main_program ? "/proc/self/exe" : info.dli_fname;
+  const auto* eh = static_cast<const ElfW(Ehdr)*>(info.dli_fbase);
+  const bool absolute = eh && eh->e_type == ET_EXEC;
+  return symtab_name(path, absolute ? reinterpret_cast<std::uintptr_t>(address) : offset);
 }
 
 std::string current_directory() {

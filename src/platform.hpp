@@ -393,6 +393,11 @@ std::optional<siginfo_t> reap_any_child() noexcept;
 /// The resident set size of this process in bytes (/proc/self/statm); 0 if unknown.
 std::size_t resident_bytes() noexcept;
 
+/// The (mangled) name of the function whose code holds `address`: the dynamic symbol table first
+/// (dladdr), then the module file's own symbol table; empty when neither names it (a stripped
+/// binary). Reads files: for error messages, never on a hot path.
+std::string symbol_name(const void* address);
+
 /// The current working directory.
 std::string current_directory();
 /// chdir(2).

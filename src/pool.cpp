@@ -101,6 +101,22 @@ Piece Job::take_any() {
   return std::move(node.mapped());
 }
 
+std::string callable_name(const CallInfo& call) {
+  if (call.function) {
+    const std::string symbol = sys::symbol_name(call.function);
+    if (!symbol.empty()) return demangle(symbol.c_str());
+  }
+  return call.callable ? demangle(call.callable->name()) : std::string("?");
+}
+
+std::string Job::describe_task(std::uint64_t item) {
+  std::call_once(named_, [&] { callable_name_ = callable_name(call); });
+  std::string out = call.kind;
+  if (call.number) out += " #" + std::to_string(call.number);
+  if (!call.single) out += ", item " + std::to_string(item);
+  return out + " (" + callable_name_ + ")";
+}
+
 void Job::cancel() noexcept {
   std::shared_ptr<JobListener> listener;
   {
@@ -242,7 +258,7 @@ void write_pool_error(Writer& w, PoolErrorKind kind, const std::string& message)
 
 namespace {
 
-void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index) {
+void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index, const std::string& task) {
   w.write_value(static_cast<std::uint8_t>(OutcomeTag::crashed));
   const std::int32_t code = status.exited() ? CLD_EXITED : (status.core_dumped() ? CLD_DUMPED : CLD_KILLED);
   const std::int32_t value = status.exited() ? status.code() : status.signal();
@@ -250,6 +266,7 @@ void write_crashed(Writer& w, ExitStatus status, pid_t pid, std::uint64_t index)
   w.write_value(value);
   w.write_value(static_cast<std::int32_t>(pid));
   w.write_value(index);
+  encode(w, task);
 }
 
 // ---- memory the parent shares with its workers ----------------------------------------------
@@ -1592,10 +1609,10 @@ struct PoolCore::Impl {
       if (w.timed_out) {
         const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(limit_of(chunk)).count();
         write_pool_error(one, PoolErrorKind::timeout,
-                         "task " + std::to_string(chunk.first + at) + " ran past its timeout of " + std::to_string(ms) +
+                         chunk.job->describe_task(chunk.first + at) + " ran past its timeout of " + std::to_string(ms) +
                              " ms; worker " + std::to_string(w.pid) + " was killed");
       } else {
-        write_crashed(one, status, w.pid, chunk.first + at);
+        write_crashed(one, status, w.pid, chunk.first + at, chunk.job->describe_task(chunk.first + at));
       }
       chunk.job->deliver(repeated_outcome(chunk.first + at, 1, one.bytes()));
       if (at > 0) requeue.push_back(sub_chunk(chunk, 0, at));

@@ -307,8 +307,9 @@ std::exception_ptr outcome_error(OutcomeTag tag, Reader& r) {
       const auto status = r.read_value<std::int32_t>();
       const auto pid = r.read_value<std::int32_t>();
       const auto index = r.read_value<std::uint64_t>();
+      const auto task = decode<std::string>(r);
       return std::make_exception_ptr(
-          WorkerCrashed(ExitStatus::from_siginfo(code, status), pid, static_cast<std::size_t>(index)));
+          WorkerCrashed(ExitStatus::from_siginfo(code, status), pid, static_cast<std::size_t>(index), task));
     }
     case OutcomeTag::pool_error: {
       const auto kind = static_cast<PoolErrorKind>(r.read_value<std::uint8_t>());

@@ -251,8 +251,12 @@ std::string check_outcome(const multiproc::Outcome<int>& o, int index, Fault f) 
     return {};
   } catch (const multiproc::TaskTimeout& e) {
     if (f != Fault::hang) return at + "TaskTimeout: " + e.what();
-    const std::string want = "task " + std::to_string(index) + " ran past its timeout";
-    if (std::string(e.what()).find(want) == std::string::npos) return at + "TaskTimeout says: " + e.what();
+    // "map #1, item 7 (pooltest::...::chaos_task(std::pair<int, int>)) ran past its timeout of ..."
+    const std::string want = ", item " + std::to_string(index) + " (";
+    const std::string what = e.what();
+    if (what.rfind("map #", 0) != 0 || what.find(want) == std::string::npos ||
+        what.find("chaos_task(std::pair<int, int>)) ran past its timeout") == std::string::npos)
+      return at + "TaskTimeout says: " + e.what();
     return {};
   } catch (const std::runtime_error& e) {
     if (f != Fault::throws) return at + "exception: " + e.what();
@@ -391,7 +395,9 @@ TEST(PoolChaos, CheckerRejectsMismatchedOutcomes) {
   };
   auto timeout = [](int index) {
     return O(std::make_exception_ptr(
-        multiproc::TaskTimeout("task " + std::to_string(index) + " ran past its timeout of 250 ms")));
+        multiproc::TaskTimeout("map #1, item " + std::to_string(index) +
+                               " (pooltest::(anonymous namespace)::chaos_task(std::pair<int, int>)) ran past its "
+                               "timeout of 250 ms")));
   };
   // What each fault calls for passes...
   EXPECT_EQ(check_outcome(O(21), 7, Fault::none), "");

@@ -205,7 +205,10 @@ TEST_P(PoolCrashKindTest, MapThrowsWorkerCrashed) {
     EXPECT_EQ(e.task_index(), 61u);
     EXPECT_GT(e.worker_pid(), 0);
     const std::string what = e.what();
-    EXPECT_NE(what.find("task 61"), std::string::npos) << what;
+    // The call, the item and the callable (a functor: its type) are named.
+    EXPECT_EQ(what.rfind("worker " + std::to_string(e.worker_pid()) + " ", 0), 0u) << what;
+    EXPECT_NE(what.find(" while running map #"), std::string::npos) << what;
+    EXPECT_NE(what.find(", item 61 ("), std::string::npos) << what;
     EXPECT_NE(what.find(e.status().to_string()), std::string::npos) << what;
   }
   expect_pool_recovers(pool);
@@ -314,6 +317,48 @@ TEST_P(PoolCrashWorkersTest, ImapUnorderedCrashedItemThrows) {
   EXPECT_EQ(got, expected);
 }
 #endif
+
+int segfault_if_negative(int x) {
+  if (x < 0) segfault_now();
+  return x;
+}
+
+// With many calls in flight, an error names the one that failed: its kind, its number in the pool,
+// the function and the worker.
+TEST(PoolErrorText, NamesTheCallTheFunctionAndTheWorker) {
+  multiproc::Pool pool{{.processes = 2}};
+  std::vector<multiproc::AsyncResult<int>> fine;
+  for (int i = 0; i < 20; ++i) fine.push_back(pool.apply_async(segfault_if_negative, i));  // calls #1 to #20
+  auto crashed = pool.apply_async(segfault_if_negative, -1);                               // #21
+  auto late = pool.apply_async({.timeout = 100ms}, sleep_ms_then_return, 30'000);          // #22
+  try {
+    (void)crashed.get();
+    ADD_FAILURE() << "no exception";
+  } catch (const multiproc::WorkerCrashed& e) {
+    EXPECT_EQ(std::string(e.what()), "worker " + std::to_string(e.worker_pid()) + " " + e.status().to_string() +
+                                         " while running apply_async #21 (pooltest::(anonymous "
+                                         "namespace)::segfault_if_negative(int))");
+  }
+  try {
+    (void)late.get();
+    ADD_FAILURE() << "no exception";
+  } catch (const multiproc::TaskTimeout& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(
+        what.rfind("apply_async #22 (pooltest::sleep_ms_then_return(int)) ran past its timeout of 100 ms; worker ", 0),
+        0u)
+        << what;
+  }
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(fine[static_cast<std::size_t>(i)].get(), i);
+  // A lambda is named by its type.
+  try {
+    (void)pool.apply([](int x) { return segfault_if_negative(x); }, -1);
+    ADD_FAILURE() << "no exception";
+  } catch (const multiproc::WorkerCrashed& e) {
+    EXPECT_NE(std::string(e.what()).find(" while running apply #23 (pooltest::"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("lambda(int)"), std::string::npos) << e.what();
+  }
+}
 
 TEST(PoolCrash, WorkerKilledFromOutsideFailsItsTask) {
   const std::string path = temp_file();
@@ -569,9 +614,9 @@ TEST(PoolTaskTimeout, OnlyTheTaskPastItsTimeFailsWithTaskTimeout) {
         try {
           std::rethrow_exception(out[5].error());
         } catch (const multiproc::TaskTimeout& e) {
-          EXPECT_NE(
-              std::string(e.what()).find("task 5 ran past its timeout of " + std::to_string(limit.count()) + " ms"),
-              std::string::npos)
+          EXPECT_NE(std::string(e.what()).find(", item 5 (sleep_if_five(int)) ran past its timeout of " +
+                                               std::to_string(limit.count()) + " ms"),
+                    std::string::npos)
               << e.what();
         }
       } else {
@@ -641,7 +686,9 @@ TEST(PoolTaskTimeout, ATaskJudgedOverdueIsTheOnlyOneThatFails) {
       try {
         std::rethrow_exception(o.error());
       } catch (const multiproc::TaskTimeout& e) {
-        EXPECT_NE(std::string(e.what()).find("task " + std::to_string(i) + " ran past"), std::string::npos) << e.what();
+        const std::string what = e.what();
+        EXPECT_NE(what.find(", item " + std::to_string(i) + " ("), std::string::npos) << what;
+        EXPECT_NE(what.find("sleep_near_the_limit(int)) ran past"), std::string::npos) << what;
       } catch (const std::exception& e) {
         ADD_FAILURE() << "task " << i << ": " << e.what();
       }

@@ -129,7 +129,8 @@ inline const RemoteErrorInfo* remote_info(const std::exception& e) noexcept {
 /// worker and goes on.
 class WorkerCrashed : public detail::BasicError<std::runtime_error> {
  public:
-  WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index);
+  /// `task` names the task for the message ("apply_async #17 (square(int))"); empty: "task N".
+  WorkerCrashed(ExitStatus status, pid_t worker_pid, std::size_t task_index, const std::string& task = {});
   [[nodiscard]] ExitStatus status() const noexcept { return status_; }
   [[nodiscard]] pid_t worker_pid() const noexcept { return worker_pid_; }
   /// The index of the task in its call: the element of a map, 0 for apply.

@@ -20,7 +20,11 @@
 // task (SIGSEGV, abort, SIGKILL, exit) fails exactly that task with WorkerCrashed; the worker is
 // replaced and every other task completes. If the crash happened inside a chunk of several items,
 // the items of that chunk that ran before it run again (their results died with the worker): use
-// chunksize 1 for tasks whose side effects must not repeat.
+// chunksize 1 for tasks whose side effects must not repeat. The messages of WorkerCrashed and
+// TaskTimeout name the call by its number in the pool, the item and the function, with the
+// worker's pid: "worker 4242 killed by SIGSEGV while running apply_async #17 (parse(std::string))",
+// "map #3, item 12 (square(int)) ran past its timeout of 500 ms; worker 4243 was killed". (A plain
+// function is named by its symbol, a lambda or functor by its type.)
 //
 // Lifetime. The destructor terminates: workers are killed and unfinished AsyncResults fail with
 // Cancelled. It never waits for tasks, so it can never hang on one; call close() and join() first
@@ -45,6 +49,7 @@
 #include <ranges>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -371,13 +376,16 @@ class ImapRange {
  public:
   using result_type = detail::stored_t<detail::call_result_t<Star, Fn, Item>>;
 
-  ImapRange(detail::PoolCore& core, V view, Fn f, std::size_t chunksize, std::size_t window)
+  ImapRange(detail::PoolCore& core, V view, Fn f, std::size_t chunksize, std::size_t window,
+            const detail::CallInfo& call)
       : core_(core),
         view_(std::move(view)),
         f_(std::move(f)),
         chunksize_(chunksize),
         window_(window),
-        job_(std::make_shared<detail::Job>()) {}
+        job_(std::make_shared<detail::Job>()) {
+    job_->call = call;
+  }
   ImapRange(const ImapRange&) = delete;
   ImapRange& operator=(const ImapRange&) = delete;
   /// Cancels what is still queued or running of it (see AsyncResult::cancel).
@@ -526,7 +534,7 @@ class Pool {
   /// The same, with options for this call (a time limit).
   template <class F, class... Args>
   auto apply_async(const CallOptions& options, F&& f, Args&&... args) {
-    return submit_apply<false>(options, f, nullptr, args...);
+    return submit_apply<false>("apply_async", options, f, nullptr, args...);
   }
   /// Runs f(args...) in a worker and waits for its result. An argument that is a large vector of
   /// numbers or a large string (1 MiB and more) is not copied first: it streams to the worker
@@ -541,7 +549,7 @@ class Pool {
   template <class F, class... Args>
   auto apply(const CallOptions& options, F&& f, Args&&... args) {
     detail::SettleBorrowed borrowed{&core()};
-    return submit_apply<true>(options, f, &borrowed, args...).get();
+    return submit_apply<true>("apply", options, f, &borrowed, args...).get();
   }
 
   /// Several computations on one input, in parallel: (f1(input), f2(input), ...), each its own type.
@@ -551,7 +559,7 @@ class Pool {
   template <class Input, class... Fs>
   auto invoke_all(const Input& input, Fs&&... fs) {
     detail::SettleBorrowed borrowed{&core()};
-    auto results = std::make_tuple(submit_apply<true>(CallOptions{}, fs, &borrowed, input)...);
+    auto results = std::make_tuple(submit_apply<true>("invoke_all", CallOptions{}, fs, &borrowed, input)...);
     std::apply([](auto&... r) { (r.wait(), ...); }, results);
     // A braced list evaluates left to right: the first error by position is the one thrown.
     return std::apply(
@@ -565,7 +573,7 @@ class Pool {
   template <class Input, class... Fs>
   auto invoke_all_outcomes(const Input& input, Fs&&... fs) {
     detail::SettleBorrowed borrowed{&core()};
-    auto results = std::make_tuple(submit_apply<true>(CallOptions{}, fs, &borrowed, input)...);
+    auto results = std::make_tuple(submit_apply<true>("invoke_all", CallOptions{}, fs, &borrowed, input)...);
     return std::apply([](auto&... r) { return std::tuple{detail::outcome_of(r)...}; }, results);
   }
 
@@ -647,12 +655,13 @@ class Pool {
   // One call of f(args...). With Borrow, the caller waits for the result before `args` can
   // change or go: large ones are borrowed, and their job is settled by `borrowed` at the end.
   template <bool Borrow, class F, class... Args>
-  auto submit_apply(const CallOptions& options, const F& f, detail::SettleBorrowed* borrowed, const Args&... args) {
+  auto submit_apply(const char* kind, const CallOptions& options, const F& f, detail::SettleBorrowed* borrowed,
+                    const Args&... args) {
     using Fn = std::decay_t<F>;
     using Item = std::tuple<std::decay_t<Args>...>;
     detail::check_sendable<Fn>();
     using R = detail::call_result_t<true, Fn, Item>;
-    auto job = make_job(options);
+    auto job = make_job(options, call_info(kind, true, static_cast<const Fn&>(f)));
     detail::Chunk c;
     c.job = job;
     detail::begin_chunk(c, detail::Invoker<Fn, Item, true>::id);
@@ -673,11 +682,26 @@ class Pool {
     return AsyncResult<R>(std::move(job), 1, &detail::decode_single<R>);
   }
 
-  std::shared_ptr<detail::Job> make_job(const CallOptions& options) const {
+  std::shared_ptr<detail::Job> make_job(const CallOptions& options, const detail::CallInfo& call) const {
     if (options.timeout.count() < 0) throw InvalidArgument("CallOptions::timeout must not be negative");
     auto job = std::make_shared<detail::Job>();
     job->timeout = options.timeout;
+    job->call = call;
     return job;
+  }
+
+  // Names the call for error messages: its kind, its number in this pool, the callable.
+  template <class Fn>
+  detail::CallInfo call_info(const char* kind, bool single, const Fn& f) const {
+    detail::CallInfo call;
+    call.kind = kind;
+    call.number = core().next_call_number();
+    call.single = single;
+    call.callable = &typeid(Fn);
+    if constexpr (std::is_pointer_v<Fn> && std::is_function_v<std::remove_pointer_t<Fn>>) {
+      call.function = reinterpret_cast<const void*>(f);
+    }
+    return call;
   }
 
   template <bool Star, class F, class R>
@@ -702,7 +726,7 @@ class Pool {
         if (chunksize == 0) chunksize = 1;
       }
       chunksize = std::min(chunksize, kMaxChunkItems);
-      auto job = make_job(options);
+      auto job = make_job(options, call_info(Star ? "starmap" : "map", false, static_cast<const Fn&>(f)));
       std::vector<detail::Chunk> chunks;
       // Chunks go to the pool as they are encoded, a few at a time, so that the workers start on
       // the first while the rest are encoded.
@@ -781,7 +805,8 @@ class Pool {
     if (chunksize == 0) throw InvalidArgument("imap: chunksize must be at least 1");
     chunksize = std::min(chunksize, kMaxChunkItems);
     const std::size_t window = std::max<std::size_t>(static_cast<std::size_t>(processes()) * 8, 32);
-    return ImapRange<V, Fn, Item, false, Ordered>(core(), V(std::forward<R>(inputs)), Fn(f), chunksize, window);
+    return ImapRange<V, Fn, Item, false, Ordered>(core(), V(std::forward<R>(inputs)), Fn(f), chunksize, window,
+                                                  call_info(Ordered ? "imap" : "imap_unordered", false, Fn(f)));
   }
 
   std::unique_ptr<detail::PoolCore> core_;

@@ -15,6 +15,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "multiproc/codec.hpp"
@@ -54,6 +55,20 @@ class JobListener {
 /// One call's results (an apply, a map, an imap), filled by the supervisor piece by piece. A
 /// worker's crash splits a chunk, so pieces can be smaller than the chunks that were sent; they
 /// never overlap and together cover every item submitted.
+/// Which call of its pool a job is, for error messages ("apply_async #17 (square(int))"). Plain data
+/// set at submission; the function's name is looked up only when a message needs it.
+struct CallInfo {
+  const char* kind = "call";                 ///< "apply", "apply_async", "map", "imap", ...
+  std::uint64_t number = 0;                  ///< the pool's n-th call, from 1
+  bool single = true;                        ///< one task (apply) rather than items (map)
+  const std::type_info* callable = nullptr;  ///< the callable's type
+  const void* function = nullptr;            ///< a plain function's address (named by its symbol)
+};
+
+/// The callable's name for messages: a plain function's demangled symbol ("square(int)"), else its
+/// demangled type (a lambda's or functor's).
+std::string callable_name(const CallInfo& call);
+
 class Job {
  public:
   Job() = default;
@@ -84,6 +99,11 @@ class Job {
 
   /// Time limit for each task of this job; zero: the pool's task_timeout. Set before submission.
   std::chrono::nanoseconds timeout{0};
+  /// Which call this is. Set before submission.
+  CallInfo call;
+  /// Names a task of this call for a message: "apply_async #17 (square(int))", or, for a call of
+  /// several items, "map #3, item 12 (square(int))". The name is looked up once per job.
+  std::string describe_task(std::uint64_t item);
 
  private:
   // Lets the pool fetch results in the waiting thread before it sleeps (see JobListener).
@@ -98,6 +118,8 @@ class Job {
   std::atomic<bool> abandoned_{false};
   std::atomic<bool> cancelled_{false};
   std::weak_ptr<JobListener> listener_;
+  std::once_flag named_;
+  std::string callable_name_;
 };
 
 /// A request for a worker: consecutive items of one job, with the callable, encoded.
@@ -214,10 +236,13 @@ class PoolCore {
   [[nodiscard]] int processes() const noexcept;
   /// The pids of the workers running now.
   [[nodiscard]] std::vector<pid_t> worker_pids() const;
+  /// Numbers the pool's calls, from 1 (CallInfo::number).
+  std::uint64_t next_call_number() noexcept { return calls_.fetch_add(1, std::memory_order_relaxed) + 1; }
 
   struct Impl;
 
  private:
+  std::atomic<std::uint64_t> calls_{0};
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<PoolBackend> backend_;
 };
