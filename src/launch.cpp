@@ -74,6 +74,15 @@ Settings& settings() {
   return *s;
 }
 
+// A spawned or forkserver child says how it was started (get_start_method()), and starts its own
+// children the same way by default.
+void started_by(StartMethod method) {
+  auto& s = settings();
+  std::lock_guard lock(s.mutex);
+  s.method = method;
+  s.explicit_fork = false;
+}
+
 std::string executable_path() {
   auto& s = settings();
   std::lock_guard lock(s.mutex);
@@ -303,6 +312,7 @@ ForkServerClient& fork_server() {
           ::close(err);
           std::vector<sys::UniqueFd> mine;
           for (std::size_t i = 0; i + 2 < keep.size(); ++i) mine.emplace_back(keep[i]);
+          started_by(StartMethod::forkserver);
           boot_child(std::move(mine));
         });
         reply.pid_or_errno = pid;
@@ -397,8 +407,9 @@ std::optional<ExitStatus> Child::reap(bool nohang) {
   if (!via_server_) {
     auto info = sys::wait_child(pid_, pidfd_.get(), nohang);
     if (!info) return std::nullopt;
+    // The pidfd stays open (and readable) until the Child goes: a saved sentinel never names
+    // another file.
     ended_ = ExitStatus::from_siginfo(info->si_code, info->si_status);
-    pidfd_.reset();
     return ended_;
   }
   if (nohang && !sys::wait_readable(status_.get(), std::chrono::milliseconds(0))) return std::nullopt;
@@ -410,9 +421,8 @@ std::optional<ExitStatus> Child::reap(bool nohang) {
   } catch (const SystemError&) {
   }
   // No status: the server died before reaping; its children die with it (PR_SET_PDEATHSIG).
+  // The status pipe stays open (at end of file: readable) until the Child goes, as the pidfd does.
   ended_ = got ? ExitStatus::from_siginfo(st[0], st[1]) : ExitStatus::from_siginfo(CLD_KILLED, SIGKILL);
-  status_.reset();
-  pidfd_.reset();
   return ended_;
 }
 
@@ -591,6 +601,7 @@ void init() {
     // As a forked child does: a crash is the signal itself, not a report of the runtime's
     // handlers (a sanitizer's, say), so that it reads the same under every start method.
     detail::sys::reset_caught_signal_handlers();
+    detail::started_by(StartMethod::spawn);
     detail::boot_child(std::move(fds));
   }
   std::fprintf(stderr, "multiproc: unknown role '%s' in %s\n", role.c_str(), detail::kBootVariable);

@@ -41,8 +41,9 @@ class Child {
 
   [[nodiscard]] pid_t pid() const noexcept { return pid_; }
   [[nodiscard]] bool via_server() const noexcept { return via_server_; }
-  /// Readable once the child has ended (and, for a forkserver's child, been reaped); -1 when no
-  /// such descriptor exists (a kernel without pidfds): poll reap(true) instead.
+  /// Readable once the child has ended (and, for a forkserver's child, been reaped), and open as
+  /// long as this Child is, reaped or not; -1 when no such descriptor exists (a kernel without
+  /// pidfds): poll reap(true) instead.
   [[nodiscard]] int watch_fd() const noexcept { return via_server_ ? status_.get() : pidfd_.get(); }
   /// How the child ended, reaping it: nullopt while it runs when `nohang`, else waits. Throws
   /// SystemError(ECHILD) for our own child reaped by someone else.

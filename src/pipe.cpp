@@ -152,7 +152,8 @@ void connection_recv(ConnectionCore* core, Writer& out) {
 bool connection_poll(ConnectionCore* core, std::chrono::nanoseconds timeout) {
   ConnectionCore& c = open_core(core, "poll");
   if (!c.readable) throw StateError("Connection::poll: this end only sends");
-  if (timeout.count() < 0) throw InvalidArgument("Connection::poll: negative timeout");
+  // A negative timeout is zero (the library's one rule, as Python's poll): look once, do not wait.
+  timeout = std::max(timeout, std::chrono::nanoseconds::zero());
   return sys::wait_readable(c.read_fd.get(), std::chrono::ceil<std::chrono::milliseconds>(timeout));
 }
 
@@ -228,8 +229,9 @@ std::vector<std::size_t> wait(std::span<const Waitable> objects, std::optional<s
   using Clock = std::chrono::steady_clock;
   std::optional<Clock::time_point> deadline;
   if (timeout) {
-    if (timeout->count() < 0) throw InvalidArgument("multiproc::wait: negative timeout");
-    if (*timeout < std::chrono::hours(24 * 365 * 100)) deadline = Clock::now() + *timeout;
+    // A negative timeout is zero: look once, do not wait.
+    const auto t = std::max(*timeout, std::chrono::nanoseconds::zero());
+    if (t < std::chrono::hours(24 * 365 * 100)) deadline = Clock::now() + t;
   }
   std::vector<pollfd> fds;
   std::vector<std::size_t> fd_owner;

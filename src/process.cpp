@@ -316,8 +316,8 @@ std::optional<int> Process::exitcode() {
   return state_->status->python_exitcode();
 }
 
-int Process::sentinel() const noexcept {
-  if (!state_) return -1;
+int Process::sentinel() const {
+  if (!state_) not_started(options_.name, "sentinel()");
   std::lock_guard lock(state_->mutex);
   return state_->child.watch_fd();
 }

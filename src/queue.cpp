@@ -766,10 +766,10 @@ void trim_buffer(Writer& w) noexcept {
   w.clear();
 }
 
-Deadline deadline_after(std::chrono::nanoseconds timeout, const char* who) {
-  if (timeout.count() < 0) throw InvalidArgument(std::string(who) + ": negative timeout");
+Deadline queue_deadline(std::chrono::nanoseconds timeout) {
+  // A negative timeout is zero: try once, do not wait.
   if (timeout > std::chrono::hours(24 * 365 * 100)) return std::nullopt;
-  return Clock::now() + timeout;
+  return Clock::now() + std::max(timeout, std::chrono::nanoseconds::zero());
 }
 
 }  // namespace multiproc::detail

@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <climits>
+#include <string_view>
+
 #include "platform.hpp"
 
 namespace multiproc {
@@ -14,9 +17,19 @@ struct SharedSegment {
 };
 
 namespace {
+// "/name" or "name", as shm_open(3) takes it: one path component of at most NAME_MAX bytes, with no
+// NUL (a C string would end there, and another segment be named), no further '/', not "." or "..".
 std::string normalized(const std::string& name) {
   if (name.empty() || name == "/") throw InvalidArgument("SharedMemory: empty name");
-  return name[0] == '/' ? name : "/" + name;
+  const std::string n = name[0] == '/' ? name : "/" + name;
+  const std::string_view rest = std::string_view(n).substr(1);
+  if (rest.find('\0') != std::string_view::npos) throw InvalidArgument("SharedMemory: the name contains a NUL byte");
+  if (rest.find('/') != std::string_view::npos)
+    throw InvalidArgument("SharedMemory: the name '" + n + "' has a '/' after its first character");
+  if (rest == "." || rest == "..") throw InvalidArgument("SharedMemory: '" + n + "' is not a name");
+  if (rest.size() > NAME_MAX)
+    throw InvalidArgument("SharedMemory: the name is longer than " + std::to_string(NAME_MAX) + " bytes");
+  return n;
 }
 
 std::shared_ptr<SharedSegment> map_segment(sys::UniqueFd fd, std::string name) {

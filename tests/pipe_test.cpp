@@ -19,11 +19,15 @@
 namespace mp = multiproc;
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using test_support::generous;
+using test_support::scaled;
 
 namespace {
 
-mp::ExitStatus finish(mp::Process& p, std::chrono::seconds timeout = 30s) {
-  if (!p.join_for(timeout)) {
+// Waits for a child and returns its exit status; fails the test (and kills it) after `timeout`,
+// scaled for slow builds.
+mp::ExitStatus finish(mp::Process& p, std::chrono::milliseconds timeout = 30s) {
+  if (!p.join_for(scaled(timeout))) {
     ADD_FAILURE() << p.name() << " did not finish in time";
     p.kill();
     p.join();
@@ -102,7 +106,7 @@ TEST(Pipe, RecvThrowsEOFErrorWhenThePeerProcessIsKilled) {
   child.kill();
   const auto t0 = Clock::now();
   EXPECT_THROW((void)a.recv(), mp::EOFError);
-  EXPECT_LT(Clock::now() - t0, 5s);
+  EXPECT_LT(Clock::now() - t0, scaled(5s));  // EOF once the peer is dead: no hang
   EXPECT_EQ(finish(child).signal(), SIGKILL);
 }
 
@@ -129,11 +133,24 @@ TEST(Pipe, PollTimesOutWithinTolerance) {
   EXPECT_FALSE(a.poll(200ms));
   const auto took = Clock::now() - t0;
   EXPECT_GE(took, 200ms);
-  EXPECT_LT(took, 200ms + 150ms);
+  EXPECT_LT(took, 200ms + generous(150ms));  // it returned: the timeout fired
   EXPECT_FALSE(a.poll());
   b.send(3);
   EXPECT_TRUE(a.poll(1s));
   EXPECT_EQ(a.recv(), 3);
+}
+
+// A negative timeout is zero (the library's one rule, as in Python): poll and wait look once.
+TEST(Pipe, NegativeTimeoutLooksOnce) {
+  auto [a, b] = mp::Pipe<int>();
+  const auto t0 = Clock::now();
+  EXPECT_FALSE(a.poll(-1ms));
+  EXPECT_TRUE(mp::wait({mp::Waitable(a)}, -1s).empty());
+  b.send(5);
+  EXPECT_TRUE(test_support::eventually([&] { return a.poll(-1ms); }));
+  EXPECT_EQ(mp::wait({mp::Waitable(a)}, -1ms), std::vector<std::size_t>{0});
+  EXPECT_EQ(a.recv(), 5);
+  EXPECT_LT(Clock::now() - t0, test_support::generous(100ms));
 }
 
 TEST(Pipe, ClosedConnectionRefusesUse) {
@@ -164,25 +181,32 @@ TEST(Wait, ReturnsTheReadyOnesAmongConnectionsAndProcesses) {
   std::tie(a1, b1) = mp::Pipe<int>();
   mp::Connection<int> a2, b2;
   std::tie(a2, b2) = mp::Pipe<int>();
+  test_support::Pipe go;
   mp::Process sender{[&] {
     std::this_thread::sleep_for(100ms);
     b2.send(2);
     test_support::sleep_forever();
   }};
-  mp::Process sleeper{[&] { std::this_thread::sleep_for(400ms); }};
+  // Ends 300 ms after it is told to go: never before the sender's message was seen.
+  mp::Process sleeper{[&] {
+    (void)test_support::read_pid(go.read, 60s);
+    std::this_thread::sleep_for(300ms);
+  }};
+  auto t0 = Clock::now();  // before the sender starts: its message comes 100 ms after this at least
   sender.start();
   sleeper.start();
   b2.close();
 
-  auto t0 = Clock::now();
-  auto ready = mp::wait({a1, a2, sleeper}, 5s);
+  auto ready = mp::wait({a1, a2, sleeper}, scaled(5s));
   EXPECT_EQ(ready, std::vector<std::size_t>{1});
   EXPECT_GE(Clock::now() - t0, 90ms);
   EXPECT_EQ(a2.recv(), 2);
 
-  ready = mp::wait({a1, a2, sleeper}, 5s);
+  t0 = Clock::now();
+  test_support::write_pid(go.write, ::getpid());
+  ready = mp::wait({a1, a2, sleeper}, scaled(5s));
   EXPECT_EQ(ready, std::vector<std::size_t>{2});
-  EXPECT_GE(Clock::now() - t0, 390ms);
+  EXPECT_GE(Clock::now() - t0, 300ms);
   EXPECT_TRUE(finish(sleeper).success());
 
   // Ended and reaped: still ready (at once).
@@ -205,7 +229,7 @@ TEST(Wait, TimesOutWithinToleranceWhenNothingIsReady) {
   EXPECT_TRUE(mp::wait({a}, 200ms).empty());
   const auto took = Clock::now() - t0;
   EXPECT_GE(took, 200ms);
-  EXPECT_LT(took, 200ms + 150ms);
+  EXPECT_LT(took, 200ms + generous(150ms));  // it returned: the timeout fired
   std::vector<mp::Waitable> list{a, mp::Waitable::from_fd(b.fileno())};
   b.send(1);
   EXPECT_EQ(mp::wait(list, 1s), std::vector<std::size_t>{0});

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -47,28 +48,36 @@ TEST(SharedMemoryTest, ForkedChildWritesAreSeenByTheParent) {
 }
 
 // The zero-copy case: 1 GiB passed to a Pool task; the worker maps the same memory. The
-// call is compared with one copy of the same size made in the same run: it must take far less.
+// call is compared with a copy of the same memory timed in the same run: it must take less.
 TEST(SharedMemoryTest, GiBSharedArrayPassedToATaskIsNotCopied) {
   constexpr std::size_t kBytes = std::size_t{1} << 30;
   SharedArray<double> a(kBytes / sizeof(double));
   multiproc::Pool pool{{.processes = 1}};
   (void)pool.apply(write_ends, SharedArray<double>(16));  // worker started and warm
-  const auto t0 = std::chrono::steady_clock::now();
-  const std::size_t n = pool.apply(write_ends, a);
-  const auto call = std::chrono::steady_clock::now() - t0;
-  EXPECT_EQ(n, a.size());
-  EXPECT_EQ(a[0], 42.0);
-  EXPECT_EQ(a[a.size() - 1], 7.0);
+  // The fastest of a few calls: a call that maps the memory is quick every time and one that
+  // copies it never is, while a busy machine may delay any one of them.
+  auto call = std::chrono::steady_clock::duration::max();
+  for (int i = 0; i < 3; ++i) {
+    a[0] = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::size_t n = pool.apply(write_ends, a);
+    call = std::min(call, std::chrono::steady_clock::now() - t0);
+    EXPECT_EQ(n, a.size());
+    EXPECT_EQ(a[0], 42.0);  // written by the worker, into this memory
+    EXPECT_EQ(a[a.size() - 1], 7.0);
+  }
 
   std::vector<char> src(kBytes / 4, 1), dst(kBytes / 4);
   const auto c0 = std::chrono::steady_clock::now();
   std::memcpy(dst.data(), src.data(), src.size());
   const auto quarter_copy = std::chrono::steady_clock::now() - c0;
   EXPECT_EQ(dst[dst.size() - 1], 1);
-  // A copy of the whole GiB would take about 4 quarter copies; the call must beat even one.
-  EXPECT_LT(call, quarter_copy) << "call " << std::chrono::duration<double, std::milli>(call).count()
-                                << " ms, copying a quarter of it "
-                                << std::chrono::duration<double, std::milli>(quarter_copy).count() << " ms";
+  // A copy of the whole GiB takes about 4 quarter copies, and a call that sent the GiB would make
+  // more than one (into the message, through the socket, out of it): the call must take less than
+  // one whole copy.
+  EXPECT_LT(call, 4 * quarter_copy) << "call " << std::chrono::duration<double, std::milli>(call).count()
+                                    << " ms, copying a quarter of it "
+                                    << std::chrono::duration<double, std::milli>(quarter_copy).count() << " ms";
 }
 
 TEST(SharedMemoryTest, NamedSegmentCreateAttachUnlink) {
@@ -90,6 +99,23 @@ TEST(SharedMemoryTest, NamedSegmentCreateAttachUnlink) {
   }
   EXPECT_THROW(SharedMemory::attach(name), multiproc::SystemError);
   EXPECT_THROW(SharedMemory(16).unlink(), multiproc::StateError);
+}
+
+// A name with a NUL byte would be cut there by shm_open (attach("name\0a") would map "name", and
+// its unlink() remove that other segment): every name that is not one shm_open component is refused.
+TEST(SharedMemoryTest, InvalidNamesAreInvalidArgument) {
+  const std::string name = "/multiproc-test-nul-" + std::to_string(::getpid());
+  SharedMemory real = SharedMemory::create(name, 4096);
+  const std::string with_nul = name + std::string("\0a", 2);
+  EXPECT_THROW(SharedMemory::attach(with_nul), multiproc::InvalidArgument);
+  EXPECT_THROW(SharedMemory::create(with_nul, 4096), multiproc::InvalidArgument);
+  for (const std::string& bad : std::vector<std::string>{"", "/", "a/b", "/a/b", ".", "/..", std::string(300, 'x')}) {
+    EXPECT_THROW(SharedMemory::create(bad, 4096), multiproc::InvalidArgument) << bad;
+    EXPECT_THROW(SharedMemory::attach(bad), multiproc::InvalidArgument) << bad;
+  }
+  struct stat st {};
+  EXPECT_EQ(::stat(("/dev/shm" + name).c_str(), &st), 0) << "the real segment is untouched";
+  real.unlink();
 }
 
 TEST(SharedMemoryTest, CorruptHandleThrowsSerializationError) {

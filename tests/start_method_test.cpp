@@ -76,6 +76,16 @@ INSTANTIATE_TEST_SUITE_P(Methods, StartMethodTest,
 
 // ---- what a child sees --------------------------------------------------------------------------
 
+// Exits with 10 + the start method the child reports.
+void exit_with_start_method() { ::_exit(10 + static_cast<int>(mp::get_start_method())); }
+
+TEST_P(StartMethodTest, AChildSaysHowItWasStarted) {
+  mp::Process p{process_options(), exit_with_start_method};
+  p.start();
+  ASSERT_TRUE(p.join_for(test_support::scaled(10s)));
+  EXPECT_EQ(p.exitcode(), 10 + static_cast<int>(method())) << "started by " << mp::to_string(method());
+}
+
 TEST_P(StartMethodTest, OnlyForkInheritsWhatTheParentComputed) {
   g_set_by_the_test = 42;
   mp::Pool pool{{.processes = 2, .start_method = method()}};
@@ -151,7 +161,7 @@ TEST_P(StartMethodTest, ProcessKilledAndCrashedAreReportedAsSignals) {
   EXPECT_TRUE(sleeper.is_alive());
   EXPECT_FALSE(sleeper.join_for(50ms));
   sleeper.kill();
-  ASSERT_TRUE(sleeper.join_for(10s));
+  ASSERT_TRUE(sleeper.join_for(test_support::scaled(10s)));
   EXPECT_EQ(sleeper.exitcode(), -SIGKILL);
   EXPECT_FALSE(sleeper.is_alive());
 
@@ -169,7 +179,7 @@ TEST_P(StartMethodTest, ProcessSentinelBecomesReadableWhenTheChildEnds) {
   ASSERT_GE(fd, 0);
   EXPECT_FALSE(mp::detail::sys::wait_readable(fd, 20ms));
   p.terminate();
-  EXPECT_TRUE(mp::detail::sys::wait_readable(fd, 10'000ms));
+  EXPECT_TRUE(mp::detail::sys::wait_readable(fd, test_support::scaled(10'000ms)));
   p.join();
   EXPECT_EQ(p.exitcode(), -SIGTERM);
 }
@@ -216,7 +226,7 @@ TEST_P(StartMethodTest, UnknownTaskIdIsAProtocolErrorForThatTaskOnly) {
   chunk.count = 1;
   mp::detail::finish_chunk(chunk);
   core.submit(std::move(chunk));
-  ASSERT_TRUE(job->wait_done(1, std::chrono::steady_clock::now() + 30s));
+  ASSERT_TRUE(job->wait_done(1, std::chrono::steady_clock::now() + test_support::scaled(30s)));
   auto pieces = job->take_all();
   ASSERT_EQ(pieces.size(), 1u);
   mp::Reader r(pieces[0].bytes.bytes());
@@ -267,7 +277,7 @@ TEST_P(StartMethodTest, ParentWithThreadsHoldingLocksDoesNotDeadlock) {
     }
     mp::Process p{process_options(), exit_with, 3};
     p.start();
-    ASSERT_TRUE(p.join_for(30s));
+    ASSERT_TRUE(p.join_for(test_support::scaled(30s)));
     EXPECT_EQ(p.exitcode(), 3);
     (void)quiet.finish();
   }

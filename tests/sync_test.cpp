@@ -39,8 +39,10 @@ using multiproc::RLock;
 using multiproc::Semaphore;
 using multiproc::SharedArray;
 using multiproc::StateError;
+using test_support::generous;
 using test_support::Pipe;
 using test_support::read_pid;
+using test_support::scaled;
 using test_support::write_pid;
 using Clock = std::chrono::steady_clock;
 
@@ -52,10 +54,10 @@ Process start(F f) {
   return p;
 }
 
-// Joins with a bound, so that a hang fails the test instead of the whole binary; returns the exit
-// code (-1 if it did not exit normally).
+// Joins with a bound (scaled for slow builds), so that a hang fails the test instead of the whole
+// binary; returns the exit code (-1 if it did not exit normally).
 int join_code(Process& p, std::chrono::milliseconds bound = 10s) {
-  if (!p.join_for(bound)) {
+  if (!p.join_for(scaled(bound))) {
     p.kill();
     p.join();
     ADD_FAILURE() << "child " << p.pid() << " did not finish in time";
@@ -64,11 +66,13 @@ int join_code(Process& p, std::chrono::milliseconds bound = 10s) {
   return p.exit_status().code();
 }
 
-// Waits until the child sleeps (in a futex, after it has started waiting), then a little more.
-void wait_until_sleeping(pid_t pid) {
-  const auto deadline = Clock::now() + 5s;
-  while (test_support::proc_state(pid) != 'S' && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
-  std::this_thread::sleep_for(30ms);
+// Reads the pid that a child writes to `ready` just before it blocks in the wait under test, then
+// waits until that child sleeps. Nothing it does between the write and the wait can sleep, so
+// asleep means blocked in the wait. The pid, or 0 when either did not happen in time.
+pid_t blocked_child(const Pipe& ready) {
+  const pid_t pid = read_pid(ready.read);
+  if (pid == 0) return 0;
+  return test_support::eventually([&] { return test_support::proc_state(pid) == 'S'; }) ? pid : 0;
 }
 
 // A read-modify-write slow enough that unsynchronized processes would lose updates.
@@ -85,6 +89,7 @@ void racy_increment(long& cell) {
 }
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+double ms(std::chrono::milliseconds d) { return static_cast<double>(d.count()); }
 
 // ---- Lock ----------------------------------------------------------------------------------------
 
@@ -163,10 +168,10 @@ TEST(SyncLock, AcquireForTimesOutWhileAnotherProcessHoldsIt) {
   EXPECT_FALSE(lock.acquire_for(100ms));
   const double waited = ms_since(t0);
   EXPECT_GE(waited, 100.0);
-  EXPECT_LT(waited, 1000.0);
+  EXPECT_LT(waited, ms(100ms + generous(100ms)));  // it returned, and did not wait for the holder
   EXPECT_FALSE(lock.acquire(false));
   write_pid(go.write, 1);
-  EXPECT_TRUE(lock.acquire_for(5s));
+  EXPECT_TRUE(lock.acquire_for(scaled(5s)));
   lock.release();
   EXPECT_EQ(join_code(child), 0);
 }
@@ -238,7 +243,7 @@ TEST(SyncLock, BlockedWaiterGetsOwnerDiedAsSoonAsTheHolderDies) {
   ASSERT_EQ(read_pid(held.read), child.pid());
   const auto t0 = Clock::now();
   EXPECT_THROW(lock.acquire(), OwnerDied);  // blocked until the kernel reports the death
-  EXPECT_LT(ms_since(t0), 1000.0);
+  EXPECT_LT(ms_since(t0), ms(200ms + generous(100ms)));
   lock.make_consistent();
   lock.release();
   child.join();
@@ -448,21 +453,24 @@ TEST(SyncSemaphore, AtMostValueHoldersAtOnce) {
 
 TEST(SyncSemaphore, ReleaseNWakesNWaiters) {
   Semaphore sem(0);
+  Pipe ready;
   std::vector<Process> waiters;
-  for (int i = 0; i < 3; ++i) waiters.push_back(start([&] { sem.acquire(); }));
-  for (auto& w : waiters) wait_until_sleeping(w.pid());
-  sem.release(2);
-  int finished = 0;
-  const auto deadline = Clock::now() + 2s;
-  while (finished < 2 && Clock::now() < deadline) {
-    finished = 0;
-    for (auto& w : waiters) finished += w.is_alive() ? 0 : 1;
-    std::this_thread::sleep_for(2ms);
+  for (int i = 0; i < 3; ++i) {
+    waiters.push_back(start([&] {
+      write_pid(ready.write, ::getpid());
+      sem.acquire();
+    }));
   }
-  std::this_thread::sleep_for(50ms);
-  finished = 0;
-  for (auto& w : waiters) finished += w.is_alive() ? 0 : 1;
-  EXPECT_EQ(finished, 2);
+  for (std::size_t i = 0; i < waiters.size(); ++i) ASSERT_NE(blocked_child(ready), 0);
+  sem.release(2);
+  auto finished = [&] {
+    int n = 0;
+    for (auto& w : waiters) n += w.is_alive() ? 0 : 1;
+    return n;
+  };
+  EXPECT_TRUE(test_support::eventually([&] { return finished() >= 2; }));
+  std::this_thread::sleep_for(50ms);  // time for a third to finish, were it wrongly woken too
+  EXPECT_EQ(finished(), 2);
   sem.release();
   for (auto& w : waiters) EXPECT_EQ(join_code(w), 0);
   EXPECT_EQ(sem.get_value(), 0u);
@@ -474,7 +482,7 @@ TEST(SyncSemaphore, AcquireForTimesOutWithinTolerance) {
   EXPECT_FALSE(sem.acquire_for(100ms));
   const double waited = ms_since(t0);
   EXPECT_GE(waited, 100.0);
-  EXPECT_LT(waited, 1000.0);
+  EXPECT_LT(waited, ms(100ms + generous(100ms)));
   EXPECT_FALSE(sem.acquire_until(std::chrono::system_clock::now() + 20ms));
 }
 
@@ -510,19 +518,21 @@ TEST(SyncBoundedSemaphore, IsASemaphoreThatKeepsItsBoundWhenSliced) {
 TEST(SyncEvent, SetWakesWaitersInOtherProcesses) {
   Event event;
   EXPECT_FALSE(event.is_set());
+  Pipe ready;
   std::vector<Process> waiters;
   for (int i = 0; i < 3; ++i) {
     waiters.push_back(start([&] {
+      write_pid(ready.write, ::getpid());
       event.wait();
       ::_exit(event.is_set() ? 4 : 1);
     }));
   }
-  for (auto& w : waiters) wait_until_sleeping(w.pid());
+  for (std::size_t i = 0; i < waiters.size(); ++i) ASSERT_NE(blocked_child(ready), 0);
   for (auto& w : waiters) EXPECT_TRUE(w.is_alive());
   const auto t0 = Clock::now();
   event.set();
   for (auto& w : waiters) EXPECT_EQ(join_code(w), 4);
-  EXPECT_LT(ms_since(t0), 1000.0);
+  EXPECT_LT(ms_since(t0), ms(generous(100ms)));
   EXPECT_TRUE(event.is_set());
   EXPECT_TRUE(event.wait_for(0ms));
   event.clear();
@@ -540,14 +550,18 @@ TEST(SyncEvent, WaitForReturnsFalseWhenTheSetterDied) {
   EXPECT_FALSE(event.wait_for(100ms));
   const double waited = ms_since(t0);
   EXPECT_GE(waited, 100.0);
-  EXPECT_LT(waited, 1000.0);
+  EXPECT_LT(waited, ms(100ms + generous(100ms)));
   EXPECT_FALSE(event.is_set());
 }
 
 TEST(SyncEvent, ASetFollowedByClearStillWakesTheWaiter) {
   Event event;
-  Process waiter = start([&] { ::_exit(event.wait_for(10s) ? 6 : 1); });
-  wait_until_sleeping(waiter.pid());
+  Pipe ready;
+  Process waiter = start([&] {
+    write_pid(ready.write, ::getpid());
+    ::_exit(event.wait_for(scaled(10s)) ? 6 : 1);
+  });
+  ASSERT_EQ(blocked_child(ready), waiter.pid());  // set and clear must both fall within its wait
   event.set();
   event.clear();
   EXPECT_EQ(join_code(waiter), 6);
@@ -575,7 +589,7 @@ TEST(SyncCondition, ProducerConsumerAcrossProcesses) {
   bool in_order = true;
   for (long i = 0; i < kItems; ++i) {
     std::unique_lock guard(cond);
-    ASSERT_TRUE(cond.wait_for(10s, [&] { return counts[0] > counts[1]; }));
+    ASSERT_TRUE(cond.wait_for(scaled(10s), [&] { return counts[0] > counts[1]; }));
     const long item = ring[static_cast<std::size_t>(counts[1] % kSlots)];
     in_order = in_order && item == i * 3;
     sum += item;
@@ -590,12 +604,14 @@ TEST(SyncCondition, ProducerConsumerAcrossProcesses) {
 TEST(SyncCondition, NotifyWakesAWaiterInAnotherProcess) {
   Condition cond;
   SharedArray<int> flag(1);
+  Pipe ready;
   Process waiter = start([&] {
     std::lock_guard guard(cond);
-    const bool ok = cond.wait_for(10s, [&] { return flag[0] == 1; });
+    write_pid(ready.write, ::getpid());
+    const bool ok = cond.wait_for(scaled(10s), [&] { return flag[0] == 1; });
     ::_exit(ok ? 8 : 1);
   });
-  wait_until_sleeping(waiter.pid());
+  ASSERT_EQ(blocked_child(ready), waiter.pid());
   {
     std::lock_guard guard(cond);
     flag[0] = 1;
@@ -611,7 +627,7 @@ TEST(SyncCondition, WaitForTimesOutWithinToleranceAndKeepsTheLock) {
   EXPECT_FALSE(cond.wait_for(100ms));
   const double waited = ms_since(t0);
   EXPECT_GE(waited, 100.0);
-  EXPECT_LT(waited, 1000.0);
+  EXPECT_LT(waited, ms(100ms + generous(100ms)));
   EXPECT_FALSE(cond.wait_for(20ms, [] { return false; }));
   EXPECT_TRUE(cond.wait_for(20ms, [] { return true; }));
 }
@@ -641,16 +657,19 @@ TEST(SyncCondition, WaitOverAnRLockRestoresItsDepth) {
 TEST(SyncCondition, WaitSurfacesOwnerDiedWhenTheNotifierDiesHoldingTheLock) {
   Lock lock;
   Condition cond(lock);
+  Pipe held;
   Process notifier = start([&] {
-    std::this_thread::sleep_for(50ms);
+    (void)read_pid(held.read, 10s);  // the parent holds the lock: it gets it only once the parent waits
     lock.acquire();
     cond.notify();
     die_by_sigkill();  // with the lock held
   });
   lock.acquire();
+  write_pid(held.write, ::getpid());
   const auto t0 = Clock::now();
-  EXPECT_THROW((void)cond.wait_for(10s), OwnerDied);
-  EXPECT_LT(ms_since(t0), 2000.0);
+  // Woken by the notify, well before its own timeout, which would end in OwnerDied too.
+  EXPECT_THROW((void)cond.wait_for(scaled(10s)), OwnerDied);
+  EXPECT_LT(ms_since(t0), ms(generous(200ms)));
   EXPECT_TRUE(lock.is_owned());  // reacquired, from the dead
   lock.make_consistent();
   lock.release();
@@ -669,7 +688,7 @@ TEST(SyncBarrier, ThreeProcessesGetDistinctIndicesZeroToTwoEveryRound) {
   for (int p = 0; p < 3; ++p) {
     children.push_back(start([&, p] {
       for (int round = 0; round < kRounds; ++round) {
-        indices[static_cast<std::size_t>(round * 3 + p)] = static_cast<int>(barrier.wait_for(10s));
+        indices[static_cast<std::size_t>(round * 3 + p)] = static_cast<int>(barrier.wait_for(scaled(10s)));
       }
     }));
   }
@@ -686,8 +705,7 @@ TEST(SyncBarrier, ThreeProcessesGetDistinctIndicesZeroToTwoEveryRound) {
 TEST(SyncBarrier, APartyKilledWhileWaitingBreaksItForTheOthers) {
   Barrier barrier(4);
   Process victim = start([&] { (void)barrier.wait(); });
-  const auto deadline = Clock::now() + 5s;
-  while (barrier.n_waiting() < 1 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(test_support::eventually([&] { return barrier.n_waiting() >= 1; }));
   Process other = start([&] {
     try {
       (void)barrier.wait();
@@ -696,17 +714,19 @@ TEST(SyncBarrier, APartyKilledWhileWaitingBreaksItForTheOthers) {
     }
     ::_exit(0);
   });
-  while (barrier.n_waiting() < 2 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(test_support::eventually([&] { return barrier.n_waiting() >= 2; }));
   ASSERT_EQ(barrier.n_waiting(), 2u);
   victim.kill();  // SIGKILL while it waits; it stays a zombie until joined
   const auto t0 = Clock::now();
+  // Told of the death within a few of its 50 ms slices, well before its own timeout (which would
+  // break the barrier too).
   try {
-    (void)barrier.wait_for(10s);
+    (void)barrier.wait_for(scaled(10s));
     ADD_FAILURE() << "expected BrokenBarrier";
   } catch (const BrokenBarrier& e) {
     EXPECT_NE(std::string(e.what()).find("pid " + std::to_string(victim.pid())), std::string::npos) << e.what();
   }
-  EXPECT_LT(ms_since(t0), 1000.0);
+  EXPECT_LT(ms_since(t0), ms(generous(100ms)));
   EXPECT_EQ(join_code(other), 3);
   EXPECT_TRUE(barrier.broken());
   EXPECT_THROW((void)barrier.wait_for(10s), BrokenBarrier);  // stays broken
@@ -719,13 +739,12 @@ TEST(SyncBarrier, APartyKilledWhileWaitingBreaksItForTheOthers) {
 TEST(SyncBarrier, AReapedDeadPartyIsDetectedToo) {
   Barrier barrier(3);
   Process victim = start([&] { (void)barrier.wait(); });
-  const auto deadline = Clock::now() + 5s;
-  while (barrier.n_waiting() < 1 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(test_support::eventually([&] { return barrier.n_waiting() >= 1; }));
   victim.kill();
   victim.join();  // gone, not a zombie
   const auto t0 = Clock::now();
-  EXPECT_THROW((void)barrier.wait_for(10s), BrokenBarrier);
-  EXPECT_LT(ms_since(t0), 1000.0);
+  EXPECT_THROW((void)barrier.wait_for(scaled(10s)), BrokenBarrier);
+  EXPECT_LT(ms_since(t0), ms(generous(100ms)));  // the death noticed, not the timeout
 }
 
 TEST(SyncBarrier, WaitForTimeoutBreaksItAsInPython) {
@@ -734,13 +753,13 @@ TEST(SyncBarrier, WaitForTimeoutBreaksItAsInPython) {
   EXPECT_THROW((void)barrier.wait_for(100ms), BrokenBarrier);
   const double waited = ms_since(t0);
   EXPECT_GE(waited, 100.0);
-  EXPECT_LT(waited, 1000.0);
+  EXPECT_LT(waited, ms(100ms + generous(100ms)));
   EXPECT_TRUE(barrier.broken());
   EXPECT_EQ(barrier.n_waiting(), 0u);
   barrier.reset();
   EXPECT_FALSE(barrier.broken());
-  Process partner = start([&] { ::_exit(static_cast<int>(barrier.wait_for(10s)) + 10); });
-  const std::uint32_t mine = barrier.wait_for(10s);
+  Process partner = start([&] { ::_exit(static_cast<int>(barrier.wait_for(scaled(10s))) + 10); });
+  const std::uint32_t mine = barrier.wait_for(scaled(10s));
   const int theirs = join_code(partner) - 10;
   EXPECT_EQ(std::set<int>({static_cast<int>(mine), theirs}), (std::set<int>{0, 1}));
 }
@@ -755,7 +774,7 @@ TEST(SyncBarrier, AbortWakesWaitersWithBrokenBarrier) {
     }
     ::_exit(0);
   });
-  wait_until_sleeping(waiter.pid());
+  ASSERT_TRUE(test_support::eventually([&] { return barrier.n_waiting() == 1; }));
   barrier.abort();
   EXPECT_EQ(join_code(waiter), 3);
   EXPECT_TRUE(barrier.broken());
@@ -772,13 +791,12 @@ TEST(SyncBarrier, ResetWhileWaitingBreaksTheWaitersAndLeavesItUsable) {
     }
     ::_exit(0);
   });
-  const auto deadline = Clock::now() + 5s;
-  while (barrier.n_waiting() < 1 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(test_support::eventually([&] { return barrier.n_waiting() == 1; }));
   barrier.reset();
   EXPECT_EQ(join_code(waiter), 3);
   EXPECT_FALSE(barrier.broken());
-  std::thread partner([&] { EXPECT_NO_THROW((void)barrier.wait_for(10s)); });
-  EXPECT_NO_THROW((void)barrier.wait_for(10s));
+  std::thread partner([&] { EXPECT_NO_THROW((void)barrier.wait_for(scaled(10s))); });
+  EXPECT_NO_THROW((void)barrier.wait_for(scaled(10s)));
   partner.join();
 }
 
@@ -937,7 +955,7 @@ int fill_array(multiproc::Array<double> a) {
 }
 
 int wait_event_then_release(Event event, Semaphore sem) {
-  if (!event.wait_for(10s)) return -1;
+  if (!event.wait_for(scaled(10s))) return -1;
   sem.release();
   return 1;
 }
@@ -968,8 +986,8 @@ TEST(SyncPool, AnEventAndASemaphoreReachTasksAsTheSameObjects) {
   auto r2 = pool.apply_async(wait_event_then_release, go, done);
   EXPECT_FALSE(done.acquire_for(50ms));
   go.set();
-  EXPECT_TRUE(done.acquire_for(10s));
-  EXPECT_TRUE(done.acquire_for(10s));
+  EXPECT_TRUE(done.acquire_for(scaled(10s)));
+  EXPECT_TRUE(done.acquire_for(scaled(10s)));
   EXPECT_EQ(r1.get(), 1);
   EXPECT_EQ(r2.get(), 1);
 }

@@ -164,8 +164,9 @@ class Process {
   /// exited, minus the signal number when a signal killed it. Reaps the child if it has ended.
   [[nodiscard]] std::optional<int> exitcode();
   /// A descriptor that becomes readable when the child ends (a pidfd), for poll(2) and
-  /// multiproc::wait; -1 where pidfds are unavailable or the child has been reaped.
-  [[nodiscard]] int sentinel() const noexcept;
+  /// multiproc::wait. It stays open, readable, as long as this Process, even once the child has
+  /// been joined; -1 where pidfds are unavailable. StateError before start().
+  [[nodiscard]] int sentinel() const;
 
  private:
   std::shared_ptr<detail::ProcessState> state_;

@@ -103,8 +103,8 @@ Writer& queue_put_buffer() noexcept;
 Writer& queue_get_buffer() noexcept;
 void trim_buffer(Writer& w) noexcept;
 
-/// now + timeout; no deadline for a timeout too long to add. InvalidArgument when negative.
-Deadline deadline_after(std::chrono::nanoseconds timeout, const char* who);
+/// now + timeout; no deadline for a timeout too long to add. A negative timeout is zero.
+Deadline queue_deadline(std::chrono::nanoseconds timeout);
 }  // namespace detail
 
 template <class T>
@@ -124,7 +124,7 @@ class Queue {
   void put(const T& item) { (void)put_until(item, std::nullopt); }
   /// Puts `item`, waiting at most `timeout` for room; throws Full when there was none.
   void put(const T& item, std::chrono::nanoseconds timeout) {
-    if (!put_until(item, detail::deadline_after(timeout, "Queue::put"))) {
+    if (!put_until(item, detail::queue_deadline(timeout))) {
       throw Full("Queue::put: the queue stayed full for the whole timeout");
     }
   }
@@ -135,7 +135,7 @@ class Queue {
   T get() { return *get_until(std::nullopt); }
   /// Takes the next item, waiting at most `timeout`; throws Empty when none came.
   T get(std::chrono::nanoseconds timeout) {
-    auto item = get_until(detail::deadline_after(timeout, "Queue::get"));
+    auto item = get_until(detail::queue_deadline(timeout));
     if (!item) throw Empty("Queue::get: no item came within the timeout");
     return std::move(*item);
   }
@@ -206,7 +206,7 @@ class JoinableQueue : public Queue<T> {
   void join() { (void)detail::queue_join(*this->core_, std::nullopt); }
   /// Waits at most `timeout`; true when every item put has been reported done.
   bool join_for(std::chrono::nanoseconds timeout) {
-    return detail::queue_join(*this->core_, detail::deadline_after(timeout, "JoinableQueue::join_for"));
+    return detail::queue_join(*this->core_, detail::queue_deadline(timeout));
   }
 };
 

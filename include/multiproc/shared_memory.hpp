@@ -41,7 +41,9 @@ class SharedMemory {
  public:
   /// An anonymous, zero-filled segment of `size` bytes (size 0 is allowed).
   explicit SharedMemory(std::size_t size);
-  /// A new named segment ("/name" or "name"); SystemError(EEXIST) if it exists.
+  /// A new named segment ("/name" or "name"); SystemError(EEXIST) if it exists. A name that is not
+  /// one shm_open(3) component (a NUL byte, a '/' past the first character, "." or "..", longer
+  /// than NAME_MAX) is InvalidArgument, here and in attach().
   static SharedMemory create(const std::string& name, std::size_t size);
   /// An existing named segment, with its size.
   static SharedMemory attach(const std::string& name);

@@ -35,8 +35,9 @@ enum class StartMethod {
 const char* to_string(StartMethod method) noexcept;
 
 /// The method Process and Pool use when their options name none. Initially fork, or what the
-/// environment variable MULTIPROC_START_METHOD names. Choosing fork here explicitly also silences
-/// the warning printed when fork(2) runs while other threads do.
+/// environment variable MULTIPROC_START_METHOD names; in a child started by spawn or forkserver,
+/// the method that started it (as in Python, its own children start the same way). Choosing fork
+/// here explicitly also silences the warning printed when fork(2) runs while other threads do.
 void set_start_method(StartMethod method);
 [[nodiscard]] StartMethod get_start_method();
 
