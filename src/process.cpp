@@ -258,6 +258,10 @@ void Process::start() {
     c.live.push_back(state);
   }
   state_ = std::move(state);
+  // The child has its own copy of the target and its arguments now (forked, or sent): this
+  // process's copy is let go at once, not at join() or destruction (a large capture would stay
+  // resident for nothing).
+  target_.reset();
 }
 
 namespace {

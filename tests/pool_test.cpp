@@ -659,6 +659,69 @@ TEST_P(PoolTest, ImapItemErrorThrowsOnDereferenceAndIterationGoesOn) {
   EXPECT_EQ(values, 25);
 }
 
+// 0, 1, 2, ... n - 1, except that reading element `bad` throws.
+struct InputThatFailsAt {
+  int n = 0;
+  int bad = -1;
+  struct iterator {
+    using value_type = int;
+    using difference_type = std::ptrdiff_t;
+    const InputThatFailsAt* input = nullptr;
+    int i = 0;
+    int operator*() const {
+      if (i == input->bad) throw std::runtime_error("input " + std::to_string(i) + " is unreadable");
+      return i;
+    }
+    iterator& operator++() {
+      ++i;
+      return *this;
+    }
+    iterator operator++(int) {
+      auto old = *this;
+      ++i;
+      return old;
+    }
+    bool operator==(const iterator& o) const { return i == o.i; }
+  };
+  [[nodiscard]] iterator begin() const { return {this, 0}; }
+  [[nodiscard]] iterator end() const { return {this, n}; }
+};
+static_assert(std::ranges::input_range<InputThatFailsAt>);
+
+// The input's own exception: every result before the failing element comes first, then the
+// exception in its place, then the end. Nothing is lost and nothing hangs.
+TEST_P(PoolTest, ImapInputThatThrowsDeliversWhatCameBeforeThenItsErrorThenEnds) {
+  auto pool = make_pool();
+  for (const auto& [n, bad] : {std::pair{10, 3}, std::pair{150, 130}, std::pair{5, 0}}) {
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{2}, std::size_t{7}}) {
+      const InputThatFailsAt input{n, bad};
+      std::vector<int> got;
+      std::vector<std::string> errors;
+      auto range = pool.imap(square, input, chunksize);
+      for (auto it = range.begin(); it != range.end(); ++it) {
+        try {
+          got.push_back(*it);
+        } catch (const std::runtime_error& e) {
+          errors.emplace_back(e.what());
+        }
+      }
+      EXPECT_EQ(got, squares(bad)) << "n " << n << ", chunksize " << chunksize;
+      EXPECT_EQ(errors, std::vector<std::string>{"input " + std::to_string(bad) + " is unreadable"});
+      std::multiset<int> unordered;
+      bool failed = false;
+      try {
+        for (int y : pool.imap_unordered(square, input, chunksize)) unordered.insert(y);
+      } catch (const std::runtime_error&) {
+        failed = true;
+      }
+      EXPECT_TRUE(failed);
+      const auto want = squares(bad);
+      EXPECT_EQ(unordered, std::multiset<int>(want.begin(), want.end())) << "n " << n << ", chunksize " << chunksize;
+    }
+  }
+  EXPECT_EQ(pool.apply(square, 9), 81);
+}
+
 TEST_P(PoolTest, ImapRangeIteratedTwiceThrowsStateError) {
   auto pool = make_pool();
   auto range = pool.imap(square, iota_vector(3));

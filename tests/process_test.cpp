@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <multiproc/multiproc.hpp>
 #include <stdexcept>
 #include <string>
@@ -514,6 +515,26 @@ TEST(ProcessTest, MovedProcessKeepsTheChild) {
   c = std::move(b);
   EXPECT_EQ(c.pid(), pid);
   EXPECT_EQ(c.exit_status(), ExitStatus::exited_with(8));
+}
+
+// The parent lets go of the target and its copied arguments once the child has them: a large
+// capture does not stay resident until join() or destruction.
+TEST(ProcessTest, TargetAndArgumentsAreReleasedOnceTheChildHasThem) {
+  auto captured = std::make_shared<std::vector<char>>(1 << 20, 'x');
+  auto argument = std::make_shared<std::vector<char>>(1 << 20, 'y');
+  const std::weak_ptr<std::vector<char>> captured_alive = captured;
+  const std::weak_ptr<std::vector<char>> argument_alive = argument;
+  Process p{[captured](const std::shared_ptr<std::vector<char>>& a) { ::_exit(captured->size() == a->size() ? 0 : 1); },
+            argument};
+  captured.reset();
+  argument.reset();
+  EXPECT_FALSE(captured_alive.expired());  // the Process holds them until start()
+  p.start();
+  EXPECT_TRUE(captured_alive.expired());
+  EXPECT_TRUE(argument_alive.expired());
+  p.join();
+  EXPECT_EQ(p.exit_status(), ExitStatus::exited_with(0));
+  EXPECT_THROW(p.start(), multiproc::StateError);  // still: a Process starts once
 }
 
 // ---- sentinel, process group ------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -78,6 +79,32 @@ INSTANTIATE_TEST_SUITE_P(Methods, StartMethodTest,
 
 // Exits with 10 + the start method the child reports.
 void exit_with_start_method() { ::_exit(10 + static_cast<int>(mp::get_start_method())); }
+
+void exit_zero_if_the_sum_is_500(const std::vector<double>& v) {
+  ::_exit(std::accumulate(v.begin(), v.end(), 0.0) == 500.0 ? 0 : 1);
+}
+
+// std::cref (or a pointer) hands a forked child a reference into its copy of the parent's memory;
+// no other start method can honour it, and start() says so in one line.
+TEST_P(StartMethodTest, ReferenceArgumentsWorkUnderForkAndAreRefusedElsewhere) {
+  const std::vector<double> input(1000, 0.5);
+  mp::Process p{process_options(), exit_zero_if_the_sum_is_500, std::cref(input)};
+  if (method() == StartMethod::fork) {
+    p.start();
+    ASSERT_TRUE(p.join_for(test_support::scaled(10s)));
+    EXPECT_EQ(p.exitcode(), 0);
+    return;
+  }
+  try {
+    p.start();
+    ADD_FAILURE() << "started under " << mp::to_string(method());
+  } catch (const mp::InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    EXPECT_NE(what.find("under " + std::string(mp::to_string(method()))), std::string::npos) << what;
+  }
+  EXPECT_TRUE(test_support::has_no_children());
+}
 
 TEST_P(StartMethodTest, AChildSaysHowItWasStarted) {
   mp::Process p{process_options(), exit_with_start_method};

@@ -435,17 +435,31 @@ class ImapRange {
       c.first = next_index_;
       detail::begin_chunk(c, detail::Invoker<Fn, Item, Star>::id);
       detail::encode_function(c.request, f_);
-      while (c.count < chunksize_ && *input_ != std::ranges::end(view_)) {
-        detail::mark_item(c);
-        if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<V>>, Item>) {
-          encode(c.request, **input_);
-        } else {
-          encode(c.request, static_cast<Item>(**input_));
+      try {
+        while (c.count < chunksize_ && *input_ != std::ranges::end(view_)) {
+          const std::size_t at = c.request.size();
+          detail::mark_item(c);
+          try {
+            if constexpr (std::is_same_v<std::remove_cvref_t<std::ranges::range_reference_t<V>>, Item>) {
+              encode(c.request, **input_);
+            } else {
+              encode(c.request, static_cast<Item>(**input_));
+            }
+          } catch (...) {
+            c.item_offsets.pop_back();  // the item that failed is not part of the chunk
+            c.request.truncate(at);
+            throw;
+          }
+          ++c.count;  // read and encoded: a failure of ++ below belongs to the next position
+          ++*input_;
         }
-        ++*input_;
-        ++c.count;
+        if (*input_ == std::ranges::end(view_)) input_done_ = true;
+      } catch (...) {
+        // The input failed (reading or encoding an element): the items before it still run and
+        // come back; its exception takes the failing element's place; then the range ends.
+        input_error_ = std::current_exception();
+        input_done_ = true;
       }
-      if (*input_ == std::ranges::end(view_)) input_done_ = true;
       if (c.count == 0) break;
       next_index_ += c.count;
       detail::finish_chunk(c);
@@ -461,6 +475,10 @@ class ImapRange {
     if (left_in_piece_ == 0) {
       refill();
       if (yielded_ == next_index_) {  // nothing left anywhere
+        if (input_error_) {           // but the input's own failure, in its place: then the end
+          error_ = std::exchange(input_error_, nullptr);
+          return;
+        }
         finished_ = true;
         return;
       }
@@ -497,6 +515,7 @@ class ImapRange {
   std::optional<std::ranges::iterator_t<V>> input_;
   bool started_ = false;
   bool input_done_ = false;
+  std::exception_ptr input_error_;  // the input's exception, delivered after the items before it
   bool finished_ = false;
   std::uint64_t next_index_ = 0;  // items submitted
   std::uint64_t yielded_ = 0;     // items handed out

@@ -77,8 +77,23 @@ class Target {
   virtual bool encode_call(Writer& w) const = 0;
 };
 
+// An argument that names memory of this process (a pointer, std::ref/std::cref): it means something
+// only in a forked child, which is a copy of this process. Its bytes would encode (they are
+// trivially copyable) but name nothing in another process.
+template <class T>
+struct refers_to_this_process : std::is_pointer<T> {};
+template <class T>
+struct refers_to_this_process<std::reference_wrapper<T>> : std::true_type {};
+
+template <class T>
+inline constexpr bool is_sendable_argument_v =
+    !refers_to_this_process<T>::value && Encodable<T> && std::is_default_constructible_v<T>;
+
+/// Whether a Process target and its arguments can reach a child that does not inherit this
+/// process's memory (forkserver, spawn). When not, the Process still works under fork, and start()
+/// under another method throws InvalidArgument.
 template <class F, class... Args>
-inline constexpr bool is_sendable_target_v = is_sendable_v<F> && (Encodable<Args> && ...);
+inline constexpr bool is_sendable_target_v = is_sendable_v<F> && (is_sendable_argument_v<Args> && ...);
 
 template <class F, class... Args>
 class BoundTarget final : public Target {
