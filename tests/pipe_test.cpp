@@ -147,7 +147,7 @@ TEST(Pipe, NegativeTimeoutLooksOnce) {
   EXPECT_FALSE(a.poll(-1ms));
   EXPECT_TRUE(mp::wait({mp::Waitable(a)}, -1s).empty());
   b.send(5);
-  EXPECT_TRUE(test_support::eventually([&] { return a.poll(-1ms); }));
+  EXPECT_TRUE(test_support::eventually([&a = a] { return a.poll(-1ms); }));
   EXPECT_EQ(mp::wait({mp::Waitable(a)}, -1ms), std::vector<std::size_t>{0});
   EXPECT_EQ(a.recv(), 5);
   EXPECT_LT(Clock::now() - t0, test_support::generous(100ms));
