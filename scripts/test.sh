@@ -2,12 +2,12 @@
 # Builds multiproc and runs every test: scripts/test.sh [--quick] [--suite NAME]... [--busy]
 #
 # Installs the Debian packages it needs when they are missing, then, each in its own build folder:
-#   build/       the developer build (RelWithDebInfo, warnings as errors) and every CTest test
-#   build-user/  a user's build: Release with default options (warnings are not errors), every
-#                target built, then the package tests: an installed find_package and pkg-config
+#   build/       the developer build (Release, warnings as errors): every target, every CTest test
+#   build-user/  a user's build: Release with default options (warnings are not errors): the
+#                library, then the package tests: an installed find_package and pkg-config
 #                consumer, and a consumer that takes multiproc in with add_subdirectory
-#   build-asan/  the developer build under AddressSanitizer + UndefinedBehaviorSanitizer
-#   build-tsan/  the developer build under ThreadSanitizer (clang)
+#   build-asan/  the developer build (RelWithDebInfo) under AddressSanitizer + UBSan
+#   build-tsan/  the developer build (RelWithDebInfo) under ThreadSanitizer (clang)
 #   build-fuzz/  the libFuzzer targets, each run for MULTIPROC_FUZZ_SECONDS (60 by default), then
 #                every saved regression input (scripts/fuzz.sh does this part alone)
 #   --quick      only build/ (for a quick local check; CI runs everything)
@@ -97,13 +97,17 @@ run_suite() {
   record "$rc"
 }
 
-if wanted build; then run_suite build; fi
+# The developer build is Release (-O3, what a user's build compiles) with warnings as errors.
+if wanted build; then run_suite build -DCMAKE_BUILD_TYPE=Release; fi
 if wanted user; then
   start=$SECONDS
   echo "=== build-user" >&2
   rc=0
-  # Exactly what a user types: no developer switch, the compiler's own warnings only.
-  { cmake -S . -B build-user -DCMAKE_BUILD_TYPE=Release && cmake --build build-user -j"$(multiproc_jobs)" &&
+  # What a user types: Release, no developer switch. The library is built and installed, and
+  # consumers use it through find_package, pkg-config and add_subdirectory (the package tests).
+  # The rest of the tree is built in Release, warnings as errors, by the developer build above.
+  { cmake -S . -B build-user -DCMAKE_BUILD_TYPE=Release &&
+    cmake --build build-user --target multiproc -j"$(multiproc_jobs)" &&
     ctest --test-dir build-user -L package --output-on-failure; } || rc=$?
   echo "=== build-user: $([[ $rc -eq 0 ]] && echo passed || echo "FAILED ($rc)") in $((SECONDS - start)) s" >&2
   record "$rc"
