@@ -9,6 +9,7 @@
 // socket), and its children die with it (PR_SET_PDEATHSIG), so nothing outlives the program.
 #include "launch.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
 #if __has_include(<sys/single_threaded.h>)
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -38,6 +40,13 @@ namespace {
 
 constexpr const char* kBootVariable = "MULTIPROC_BOOT";
 constexpr std::uint32_t kServerRequest = 0x4B52464D;  // "MFRK"
+// A request to the fork server: the op, and which of the parent's standard streams (bit 1 << fd)
+// travel after the child's own descriptors.
+struct ServerRequest {
+  std::uint32_t op;
+  std::uint32_t streams;
+};
+constexpr std::uint32_t kBothStreams = (1u << STDOUT_FILENO) | (1u << STDERR_FILENO);
 
 // ---- settings -----------------------------------------------------------------------------------
 
@@ -228,13 +237,17 @@ class ForkServerClient {
   }
 
   Child request(std::span<const int> fds) {
-    const std::uint32_t op = kServerRequest;
-    // The child writes to this process's stdout and stderr as they are now, not the server's.
+    // The child writes to this process's stdout and stderr as they are now, not the server's;
+    // where this process closed one, the child has it closed too.
+    ServerRequest req{kServerRequest, 0};
     std::vector<int> all(fds.begin(), fds.end());
-    all.push_back(STDOUT_FILENO);
-    all.push_back(STDERR_FILENO);
+    for (int stream : {STDOUT_FILENO, STDERR_FILENO}) {
+      if (::fcntl(stream, F_GETFD) == -1) continue;
+      req.streams |= 1u << stream;
+      all.push_back(stream);
+    }
     try {
-      sys::send_message(control_.get(), std::as_bytes(std::span(&op, 1)), all);
+      sys::send_message(control_.get(), std::as_bytes(std::span(&req, 1)), all);
     } catch (const SystemError& e) {
       // Gone before it read the request (killed, or it never became a server: a program whose
       // main() runs before multiproc::init() exits at once).
@@ -289,14 +302,24 @@ ForkServerClient& fork_server() {
         }
       }
       if (!p[0].revents) continue;
-      std::uint32_t op = 0;
+      ServerRequest req{};
       std::vector<sys::UniqueFd> got;
-      const std::size_t n = sys::recv_message(control.get(), std::as_writable_bytes(std::span(&op, 1)), got);
+      const std::size_t n = sys::recv_message(control.get(), std::as_writable_bytes(std::span(&req, 1)), got);
       if (n == 0) break;  // the parent is gone
-      if (n != sizeof op || op != kServerRequest || got.size() < 3) continue;
-      // The last two are the parent's stdout and stderr.
-      const int out = got[got.size() - 2].get();
-      const int err = got[got.size() - 1].get();
+      const std::size_t streams = static_cast<std::size_t>(std::popcount(req.streams));
+      if (n != sizeof req || req.op != kServerRequest || (req.streams & ~kBothStreams) != 0 ||
+          got.size() < streams + 1) {
+        continue;
+      }
+      // The last ones are the parent's stdout and stderr, those it has open.
+      const std::size_t boot_fds = got.size() - streams;
+      int out = -1;
+      int err = -1;
+      {
+        std::size_t at = boot_fds;
+        if (req.streams & (1u << STDOUT_FILENO)) out = got[at++].get();
+        if (req.streams & (1u << STDERR_FILENO)) err = got[at++].get();
+      }
       std::vector<int> keep;
       for (auto& fd : got) keep.push_back(fd.get());
       ServerReply reply{};
@@ -306,12 +329,16 @@ ForkServerClient& fork_server() {
         fo.keep_fds = keep;
         fo.clear_signal_mask = true;
         const pid_t pid = sys::fork_process(fo, [&] {
-          ::dup2(out, STDOUT_FILENO);
-          ::dup2(err, STDERR_FILENO);
-          ::close(out);
-          ::close(err);
+          for (auto [from, to] : {std::pair{out, STDOUT_FILENO}, std::pair{err, STDERR_FILENO}}) {
+            if (from >= 0) {
+              ::dup2(from, to);
+              ::close(from);
+            } else {
+              ::close(to);
+            }
+          }
           std::vector<sys::UniqueFd> mine;
-          for (std::size_t i = 0; i + 2 < keep.size(); ++i) mine.emplace_back(keep[i]);
+          for (std::size_t i = 0; i < boot_fds; ++i) mine.emplace_back(keep[i]);
           started_by(StartMethod::forkserver);
           boot_child(std::move(mine));
         });

@@ -102,9 +102,20 @@ void unregister_fd(int fd) noexcept {
 
 }  // namespace
 
+int above_stdio(int fd) noexcept {
+  if (fd < 0 || fd > STDERR_FILENO) return fd;
+  // A program that closed its standard descriptors (a daemon) hands their numbers to the next
+  // open(2). The library's descriptors must not take them: the program's stdio would write into
+  // them, and a spawned child would find them where it expects its own standard streams.
+  const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+  if (moved < 0) return fd;  // out of descriptors: a low one still works
+  ::close(fd);
+  return moved;
+}
+
 unsigned fork_generation() noexcept { return g_fork_generation; }
 
-UniqueFd::UniqueFd(int fd) noexcept : fd_(fd), generation_(g_fork_generation) {
+UniqueFd::UniqueFd(int fd) noexcept : fd_(above_stdio(fd)), generation_(g_fork_generation) {
   if (fd_ >= 0) {
     try {
       register_fd(fd_);

@@ -75,8 +75,12 @@ void close_fd(int fd) noexcept;
 /// the value they were created under to tell inherited resources from their own.
 unsigned fork_generation() noexcept;
 
-/// An owned file descriptor, close-on-exec, and known to the library's descriptor registry so that
-/// a child forked for one purpose never inherits the descriptors opened for another.
+/// Returns `fd`, or where it is 0, 1 or 2, a close-on-exec duplicate of it above 2 (closing `fd`).
+int above_stdio(int fd) noexcept;
+
+/// An owned file descriptor, close-on-exec, never 0, 1 or 2 (see above_stdio), and known to the
+/// library's descriptor registry so that a child forked for one purpose never inherits the
+/// descriptors opened for another.
 class UniqueFd {
  public:
   UniqueFd() noexcept = default;
@@ -84,7 +88,7 @@ class UniqueFd {
   /// Takes ownership without registering: the descriptor of an object a forked child shares with
   /// its parent (shared memory), which the child must inherit.
   struct Inheritable {};
-  UniqueFd(int fd, Inheritable) noexcept : fd_(fd), generation_(fork_generation()), registered_(false) {}
+  UniqueFd(int fd, Inheritable) noexcept : fd_(above_stdio(fd)), generation_(fork_generation()), registered_(false) {}
   UniqueFd(UniqueFd&& o) noexcept
       : fd_(std::exchange(o.fd_, -1)), generation_(o.generation_), registered_(o.registered_) {}
   UniqueFd& operator=(UniqueFd&& o) noexcept {

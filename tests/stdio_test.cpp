@@ -177,4 +177,55 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(Sink::pipe, Sink::file)),
     param_name);
 
+// A program that closed its standard descriptors (a daemon does) and has output pending: the
+// library's descriptors must not take the numbers 0, 1 and 2, where the program's stdio (and the
+// flush before a child starts) would write into them.
+int return_seven() { return 7; }
+
+[[noreturn]] void program_without_stdio(StartMethod method) {
+  ::close(STDIN_FILENO);
+  ::close(STDOUT_FILENO);
+  std::printf("pending output");  // buffered: stdout's descriptor is gone
+  int code = 0;
+  try {
+    mp::Process child{mp::ProcessOptions{.start_method = method}, return_seven};
+    child.start();
+    child.join();
+    if (!child.exit_status().exited() || child.exit_status().code() != 0) code = 3;
+    mp::Pool pool{{.processes = 1, .start_method = method}};
+    if (pool.apply(return_seven) != 7) code = 4;
+    // Neither a Process nor a worker holds a descriptor in the low range.
+    for (int fd : {STDIN_FILENO, STDOUT_FILENO}) {
+      if (::fcntl(fd, F_GETFD) != -1) {
+        std::fprintf(stderr, "descriptor %d is open\n", fd);
+        code = 5;
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "program: %s\n", e.what());
+    code = 6;
+  }
+  ::_exit(code);
+}
+
+class StdioClosed : public ::testing::TestWithParam<StartMethod> {};
+
+TEST_P(StdioClosed, ChildrenStartWhenTheProgramClosedItsStandardDescriptors) {
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) program_without_stdio(GetParam());
+  const auto status = test_support::wait_exit(pid, 60s);
+  if (!status) {
+    ::kill(pid, SIGKILL);
+    (void)test_support::wait_exit(pid);
+    FAIL() << "the program did not end";
+  }
+  ASSERT_TRUE(WIFEXITED(*status)) << "signal " << WTERMSIG(*status);
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, StdioClosed,
+                         ::testing::Values(StartMethod::fork, StartMethod::forkserver, StartMethod::spawn),
+                         [](const auto& info) { return mp::to_string(info.param); });
+
 }  // namespace
